@@ -1,0 +1,76 @@
+"""Compile a bundle's segments for a target: one build module per backend.
+
+Each backend module (``targets.onnxruntime``, ``targets.openvino``, ``targets.tensorrt``)
+exposes ``compile_target(writer, precision, *, calib, options) -> TargetEntry``: it writes its
+artifacts under ``writer.dir / "<target>-<precision>/"`` and returns the entry. The runtime
+side lives in ``edgeperceiver.runtime`` (one small session class per backend).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeperceiver.bundle import BundleWriter, TargetEntry, edit_bundle
+from edgeperceiver.errors import InputError
+from edgeperceiver.types import Precision, TargetName
+
+#: precisions each target can build
+SUPPORTED: Mapping[TargetName, tuple[Precision, ...]] = {
+    TargetName.ONNXRUNTIME: (Precision.FP32, Precision.INT8),
+    TargetName.OPENVINO: (Precision.FP32, Precision.BF16, Precision.INT8),
+    TargetName.TENSORRT: (Precision.FP32, Precision.FP16, Precision.INT8),
+}
+
+CompileFn = Callable[..., TargetEntry]
+
+
+def _compiler(target: TargetName) -> CompileFn:
+    module = importlib.import_module(f"targets.{target.value}")
+    fn: CompileFn = module.compile_target
+    return fn
+
+
+def compile_bundle(
+    bundle: str | os.PathLike[str],
+    target: TargetName,
+    precision: Precision,
+    *,
+    calib_data: str | os.PathLike[str] | np.ndarray | None = None,
+    calib_samples: int = 300,
+    options: Mapping[str, Any] | None = None,
+) -> TargetEntry:
+    """Compile every segment of ``bundle`` for ``target`` at ``precision``, atomically.
+
+    ``calib_data`` (INT8 only): an ImageFolder/image directory, a ``.npz`` with ``x``, or an
+    (N, C, H, W) float32 array of preprocessed images; ``calib_samples`` caps how many are used.
+    The bundle is untouched unless compilation succeeds.
+    """
+    if precision not in SUPPORTED[target]:
+        have = ", ".join(p.value for p in SUPPORTED[target])
+        raise InputError(f"target {target.value} does not support precision {precision.value} (supported: {have})")
+    compile_target = _compiler(target)
+    with edit_bundle(bundle) as writer:
+        calib = _calibration_inputs(writer, calib_data, calib_samples) if precision is Precision.INT8 else None
+        entry = compile_target(writer, precision, calib=calib, options=dict(options or {}))
+        assert writer.manifest is not None
+        writer.manifest = writer.manifest.with_target(entry)
+    return entry
+
+
+def _calibration_inputs(
+    writer: BundleWriter, data: str | os.PathLike[str] | np.ndarray | None, limit: int
+) -> np.ndarray:
+    if data is None:
+        raise InputError("INT8 needs calibration images: pass --calib-data DIR|file.npz (real images, ~300)")
+    if isinstance(data, np.ndarray):
+        return np.ascontiguousarray(data[:limit], dtype=np.float32)
+    from calibration.data import load_dataset
+
+    assert writer.manifest is not None
+    return load_dataset(Path(data), writer.manifest.preprocess, limit=limit).x
