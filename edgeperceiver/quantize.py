@@ -1,0 +1,211 @@
+"""Shared INT8 post-training quantization (NNCF), calibrated on real images.
+
+Two paths, both here so that every target quantizes the same way:
+
+- :func:`quantize_qdq` quantizes the whole multi-exit ONNX graph once into a QDQ ONNX
+  graph (NNCF's ONNX backend). The export engineer's cut then splits that graph into
+  segments, so every exit and every target (OpenVINO, TensorRT, ONNX Runtime) consumes the
+  same quantizers. :func:`split_shared_quantizers` makes every QuantizeLinear feed exactly
+  one DequantizeLinear first, so a cut can never separate a Q from its DQ, and
+  :func:`check_qdq_segments` proves it on the segments.
+- :func:`nncf_quantize` quantizes any model NNCF accepts (an ``openvino.Model`` segment
+  with calibration feeds produced by running the earlier segments, for instance).
+
+Heavy modules (onnx, nncf) are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._optional import require
+from .errors import InputError
+
+_QUANT_OPS = frozenset({"QuantizeLinear", "DynamicQuantizeLinear"})
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """NNCF post-training quantization settings (defaults: what measured best, see docs).
+
+    ``smooth_quant`` toggles SmoothQuant on the MatMuls (alpha 0.95, NNCF's transformer
+    default) — only meaningful with ``transformer``. ``ignored_types`` / ``ignored_names``
+    keep ops in float (names match the graph's node names).
+    """
+
+    preset: str = "mixed"  #: "performance" (symmetric activations) or "mixed" (asymmetric)
+    transformer: bool = True  #: nncf.ModelType.TRANSFORMER: attention-aware quantizer placement
+    smooth_quant: bool = False
+    subset_size: int = 300
+    fast_bias_correction: bool = True
+    ignored_types: tuple[str, ...] = ()
+    ignored_names: tuple[str, ...] = ()
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able summary for manifests and reports."""
+        return {
+            "preset": self.preset, "model_type": "transformer" if self.transformer else "cnn",
+            "smooth_quant": self.smooth_quant, "subset_size": self.subset_size,
+            "fast_bias_correction": self.fast_bias_correction,
+            "ignored_types": list(self.ignored_types), "ignored_names": list(self.ignored_names),
+        }
+
+
+def check_calibration(calib: np.ndarray, shape: Sequence[int | str] | None = None) -> np.ndarray:
+    """Validate an (N, C, H, W) float32 batch of preprocessed images; return it contiguous."""
+    if not isinstance(calib, np.ndarray):
+        raise InputError(f"calibration data must be a numpy array, not {type(calib).__name__}")
+    if calib.ndim != 4 or calib.shape[0] < 1:
+        raise InputError(f"calibration data must be (N, C, H, W) with N >= 1, got shape {calib.shape}")
+    if not np.issubdtype(calib.dtype, np.floating):
+        raise InputError(f"calibration data must be float (preprocessed images), got {calib.dtype}")
+    if not np.isfinite(calib).all():
+        raise InputError("calibration data contains NaN or inf")
+    if shape is not None:
+        want = tuple(shape)[1:]
+        pairs = zip(want, calib.shape[1:], strict=False)
+        if len(want) != 3 or any(isinstance(w, int) and w > 0 and w != g for w, g in pairs):
+            raise InputError(f"calibration images have shape {calib.shape[1:]}, the model expects {want}")
+    return np.ascontiguousarray(calib, dtype=np.float32)
+
+
+def nncf_quantize(model: Any, feeds: Sequence[Mapping[str, np.ndarray]], config: QuantizeConfig) -> Any:
+    """Quantize ``model`` (ONNX ModelProto or openvino.Model) with NNCF PTQ on ``feeds``.
+
+    ``feeds`` is the calibration contract: one input dict per calibration step.
+    """
+    nncf = require("nncf", purpose="INT8 quantization")
+    if config.preset not in ("performance", "mixed"):
+        raise InputError(f"quantization preset must be 'performance' or 'mixed', not {config.preset!r}")
+    if not feeds:
+        raise InputError("no calibration samples")
+    advanced = nncf.AdvancedQuantizationParameters(
+        smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=0.95 if config.smooth_quant else -1.0)
+    )
+    ignored = None
+    if config.ignored_types or config.ignored_names:
+        ignored = nncf.IgnoredScope(
+            types=list(config.ignored_types), names=list(config.ignored_names), validate=False
+        )
+    return nncf.quantize(
+        model,
+        nncf.Dataset(list(feeds)),
+        preset=nncf.QuantizationPreset(config.preset),
+        model_type=nncf.ModelType.TRANSFORMER if config.transformer else None,
+        subset_size=min(config.subset_size, len(feeds)),
+        fast_bias_correction=config.fast_bias_correction,
+        ignored_scope=ignored,
+        advanced_parameters=advanced,
+    )
+
+
+def image_feeds(calib: np.ndarray, input_name: str, batch: int = 1) -> list[dict[str, np.ndarray]]:
+    """Split preprocessed images into feed dicts of ``batch`` samples (the calibration contract)."""
+    return [{input_name: calib[i : i + batch]} for i in range(0, calib.shape[0], batch)]
+
+
+def quantize_qdq(
+    model: Any,
+    calib: np.ndarray,
+    *,
+    config: QuantizeConfig | None = None,
+    input_name: str | None = None,
+) -> Any:
+    """Quantize a whole (multi-exit) ONNX graph to QDQ INT8, calibrated on ``calib`` images.
+
+    Returns a new ``onnx.ModelProto`` in which every QuantizeLinear feeds exactly one
+    DequantizeLinear (see :func:`split_shared_quantizers`), ready to be cut into segments.
+    """
+    onnx = require("onnx", purpose="INT8 QDQ quantization")
+    config = config or QuantizeConfig()
+    if not isinstance(model, onnx.ModelProto):
+        raise InputError(f"quantize_qdq needs an onnx.ModelProto, not {type(model).__name__}")
+    inits = {i.name for i in model.graph.initializer}
+    graph_inputs = [i for i in model.graph.input if i.name not in inits]
+    if input_name is None:
+        if len(graph_inputs) != 1:
+            raise InputError(f"model has {len(graph_inputs)} inputs; name the image input")
+        input_name = graph_inputs[0].name
+    dims = next((i.type.tensor_type.shape.dim for i in graph_inputs if i.name == input_name), None)
+    if dims is None:
+        raise InputError(f"model has no input {input_name!r}")
+    shape = [d.dim_param if d.dim_param else d.dim_value for d in dims]
+    calib = check_calibration(calib, shape)
+    quantized = nncf_quantize(model, image_feeds(calib, input_name), config)
+    return split_shared_quantizers(quantized)
+
+
+def split_shared_quantizers(model: Any) -> Any:
+    """Give every DequantizeLinear its own QuantizeLinear (duplicating shared Q nodes).
+
+    A graph cut assigns a node to the first segment that needs it; with one Q per DQ the
+    Q is needed only by its DQ, so the two always land in the same segment and no carried
+    tensor is ever an integer tensor. Returns a new model; the input is not modified.
+    """
+    onnx = require("onnx", purpose="INT8 QDQ quantization")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in graph.output}
+    new_nodes: list[Any] = []
+    for node in graph.node:
+        new_nodes.append(node)
+        if node.op_type != "QuantizeLinear":
+            continue
+        users = consumers.get(node.output[0], [])
+        if node.output[0] in graph_outputs:
+            continue
+        for j, user in enumerate(users[1:], start=1):
+            clone = onnx.NodeProto()
+            clone.CopyFrom(node)
+            clone.name = f"{node.name or node.output[0]}__q{j}"
+            clone.output[0] = f"{node.output[0]}__q{j}"
+            for k, name in enumerate(user.input):
+                if name == node.output[0]:
+                    user.input[k] = clone.output[0]
+            new_nodes.append(clone)
+    copies = []
+    for node in new_nodes:
+        c = onnx.NodeProto()
+        c.CopyFrom(node)
+        copies.append(c)
+    del graph.node[:]
+    graph.node.extend(copies)
+    return out
+
+
+def check_qdq_segments(segments: Iterable[Any]) -> None:
+    """Raise :class:`~edgeperceiver.errors.ExportError` if a cut separated a Q from its DQ.
+
+    A segment may neither receive nor produce an integer tensor made by a QuantizeLinear.
+    """
+    onnx = require("onnx")
+    from .errors import ExportError
+
+    int_types = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+    for k, seg in enumerate(segments, start=1):
+        graph = seg.graph
+        inits = {i.name for i in graph.initializer}
+        for vi in list(graph.input) + list(graph.output):
+            if vi.name not in inits and vi.type.tensor_type.elem_type in int_types:
+                raise ExportError(
+                    f"segment {k}: {vi.name!r} crosses the cut as an integer tensor "
+                    "(a QuantizeLinear and its DequantizeLinear were split)"
+                )
+        produced = {o for n in graph.node for o in n.output} | inits
+        for node in graph.node:
+            if node.op_type == "DequantizeLinear" and node.input[0] not in produced:
+                raise ExportError(f"segment {k}: DequantizeLinear {node.name!r} reads a tensor from another segment")
+
+
+def quantized_op_count(model: Any) -> int:
+    """Number of QuantizeLinear nodes in an ONNX model (0 = not quantized)."""
+    return sum(1 for n in model.graph.node if n.op_type in _QUANT_OPS)
