@@ -1,0 +1,135 @@
+"""ONNX Runtime backend: one ``InferenceSession`` per segment, tensors stay numpy on the host.
+
+Session options: ``intra_op_num_threads`` (``threads``), graph optimisation level ALL,
+sequential execution, and optionally a cache of ORT-optimised models (``cache_dir``) so a
+second process skips graph optimisation. ``spin=False`` turns off the intra-op thread
+pool's busy-waiting: each segment session owns a thread pool, and threads still spinning
+after one segment finished compete with the next segment's threads on a small CPU.
+
+``onnxruntime`` is imported when the backend is created, never at module import.
+ORT sessions are safe to ``run`` from several threads at once (``thread_safe = True``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .._optional import require
+from ..bundle import Bundle, SegmentSpec, TargetEntry
+from ..errors import InputError, TargetError
+from .backend import HostArrays
+
+
+@dataclass(frozen=True)
+class OrtConfig:
+    """Options of :class:`OrtBackend`."""
+
+    threads: int | None = None  #: intra-op threads; None = ONNX Runtime's default (all cores)
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    cache_dir: str | None = None  #: where ORT-optimised models are kept; None = no cache
+    spin: bool = True  #: let idle intra-op threads busy-wait (lower latency, more CPU)
+
+
+class OrtBackend(HostArrays):
+    """Runs ONNX segments with ONNX Runtime (CPU by default; any installed provider)."""
+
+    name = "onnxruntime"
+    thread_safe = True
+
+    def __init__(
+        self,
+        threads: int | None = None,
+        providers: Sequence[str] | None = None,
+        *,
+        cache_dir: str | os.PathLike[str] | None = None,
+        spin: bool = True,
+    ) -> None:
+        if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
+            raise InputError(f"threads must be a positive integer, not {threads!r}")
+        self.ort = require("onnxruntime", purpose="running a bundle on ONNX Runtime")
+        available = tuple(self.ort.get_available_providers())
+        chosen = tuple(providers) if providers else ("CPUExecutionProvider",)
+        missing = [p for p in chosen if p not in available]
+        if missing:
+            raise TargetError(f"ONNX Runtime providers {missing} are not available here (have: {list(available)})")
+        self.config = OrtConfig(
+            threads=None if threads is None else int(threads),
+            providers=chosen,
+            cache_dir=None if cache_dir is None else str(cache_dir),
+            spin=bool(spin),
+        )
+
+    def session_options(self) -> Any:
+        """The ``SessionOptions`` every segment is opened with."""
+        so = self.ort.SessionOptions()
+        so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.execution_mode = self.ort.ExecutionMode.ORT_SEQUENTIAL
+        if self.config.threads is not None:
+            so.intra_op_num_threads = self.config.threads
+            so.inter_op_num_threads = 1
+        if not self.config.spin:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.log_severity_level = 3
+        return so
+
+    def open(self, bundle: Bundle, entry: TargetEntry, segment: SegmentSpec) -> OrtSession:
+        """Open artifact ``entry.segments[segment.index - 1]`` of ``bundle``."""
+        rel = entry.segments[segment.index - 1]
+        path = bundle.path(rel)
+        so = self.session_options()
+        model: str = str(path)
+        if self.config.cache_dir is not None:
+            cached = self._cached_path(path)
+            if cached.is_file():
+                model = str(cached)
+            else:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                # ORT writes the file itself; write to a unique name, then rename (atomic).
+                tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+                so.optimized_model_filepath = str(tmp)
+        try:
+            sess = self.ort.InferenceSession(model, sess_options=so, providers=list(self.config.providers))
+        except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+            raise TargetError(f"ONNX Runtime cannot load segment {segment.index} ({rel}): {exc}") from exc
+        if self.config.cache_dir is not None and so.optimized_model_filepath:
+            tmp = Path(so.optimized_model_filepath)
+            if tmp.is_file():
+                os.replace(tmp, self._cached_path(path))
+        return OrtSession(sess, segment)
+
+    def _cached_path(self, path: Path) -> Path:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        key = f"{h.hexdigest()[:24]}-ort{self.ort.__version__}-{'_'.join(self.config.providers)}"
+        return Path(str(self.config.cache_dir)) / f"{key}.onnx"
+
+
+class OrtSession:
+    """One segment's ``InferenceSession``; returns every output by name."""
+
+    def __init__(self, session: Any, segment: SegmentSpec) -> None:
+        self.session = session
+        self.segment = segment
+        self.output_names = [o.name for o in session.get_outputs()]
+        have = {i.name for i in session.get_inputs()}
+        missing = [t.name for t in segment.inputs if t.name not in have]
+        if missing:
+            raise TargetError(f"segment {segment.index}: the ONNX model lacks inputs {missing} (has {sorted(have)})")
+        self.input_names = [t.name for t in segment.inputs]
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            outs = self.session.run(self.output_names, {n: feeds[n] for n in self.input_names})
+        except KeyError as exc:
+            raise InputError(f"segment {self.segment.index} needs input {exc.args[0]!r}") from None
+        except Exception as exc:  # onnxruntime's own error types
+            raise TargetError(f"ONNX Runtime failed in segment {self.segment.index}: {exc}") from exc
+        return dict(zip(self.output_names, outs, strict=True))
+

@@ -1,0 +1,411 @@
+"""The early-exit runner: segment 1 for the whole batch, then only the samples still running.
+
+For each segment k (in order) the runner feeds the live tensors the segment reads, keeps
+its outputs, scores exit k's logits per sample, lets every sample whose score reaches
+threshold k leave, drops the tensors no later segment reads, and compacts the rest to
+the surviving samples with ``backend.take``. The last enabled exit takes everyone left,
+and segments after it never run.
+
+Standard library + numpy only; the backend is created through the lazy registry.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..bundle import BATCH, Bundle, Manifest, SegmentSpec, TargetEntry, Thresholds
+from ..errors import BundleError, InputError
+from ..types import Criterion, TargetName
+from .backend import Backend, Session
+from .backends import create_backend
+from .criteria import scores as criterion_scores
+from .criteria import top1
+from .preprocess import iter_input_batches
+
+ThresholdsLike = Thresholds | Sequence[float | None]
+
+DEFAULT_BATCH_SIZE = 16
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Per-sample results (numpy arrays of length N)."""
+
+    labels: np.ndarray  #: int64 class index (argmax of the exit taken)
+    exits: np.ndarray  #: int64, 1-based exit each sample left at
+    confidences: np.ndarray  #: float32 top-1 softmax probability at the exit taken
+    scores: np.ndarray  #: float64 exit-criterion score at the exit taken
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @staticmethod
+    def concat(parts: Sequence[Prediction]) -> Prediction:
+        if not parts:
+            return _empty_prediction()
+        return Prediction(
+            labels=np.concatenate([p.labels for p in parts]),
+            exits=np.concatenate([p.exits for p in parts]),
+            confidences=np.concatenate([p.confidences for p in parts]),
+            scores=np.concatenate([p.scores for p in parts]),
+        )
+
+
+def _empty_prediction() -> Prediction:
+    return Prediction(
+        np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float64)
+    )
+
+
+def resolve_thresholds(
+    thresholds: ThresholdsLike | None,
+    criterion: Criterion | str | None,
+    default: Thresholds | None,
+    num_exits: int,
+) -> Thresholds | None:
+    """The thresholds to use: ``thresholds`` if given (with ``criterion``), else ``default``.
+
+    A plain sequence of values takes ``criterion``, else the default's criterion, else
+    max-softmax. Values must be one per exit, each a number (NaN refused) or ``None``.
+    """
+    crit = None if criterion is None else _criterion(criterion)
+    if thresholds is None:
+        if default is not None and crit is not None and crit is not default.criterion:
+            raise InputError(
+                f"the bundle's thresholds are for criterion {default.criterion.value!r}; "
+                f"pass thresholds for {crit.value!r} as well"
+            )
+        th = default
+    elif isinstance(thresholds, Thresholds):
+        if crit is not None and crit is not thresholds.criterion:
+            raise InputError(
+                f"thresholds are for criterion {thresholds.criterion.value!r}, not {crit.value!r}"
+            )
+        th = thresholds
+    else:
+        if isinstance(thresholds, (str, bytes)):
+            raise InputError(f"thresholds must be a sequence of numbers, not {thresholds!r}")
+        if crit is None:
+            crit = default.criterion if default is not None else Criterion.MAX_SOFTMAX
+        values: list[float | None] = []
+        for v in thresholds:
+            if v is None:
+                values.append(None)
+                continue
+            try:
+                values.append(float(v))
+            except (TypeError, ValueError):
+                raise InputError(f"threshold {v!r} is not a number") from None
+        th = Thresholds(crit, tuple(values), "override")
+    if th is None:
+        return None
+    if len(th.values) != num_exits:
+        raise InputError(f"got {len(th.values)} thresholds for a model with {num_exits} exits")
+    if any(v is not None and v != v for v in th.values):
+        raise InputError(f"thresholds contain NaN: {th.values}")
+    return th
+
+
+def _criterion(c: Criterion | str) -> Criterion:
+    try:
+        return Criterion(c)
+    except ValueError:
+        have = ", ".join(x.value for x in Criterion)
+        raise InputError(f"unknown exit criterion {c!r} (use one of: {have})") from None
+
+
+def _live_plan(manifest: Manifest) -> list[frozenset[str]]:
+    """Per segment k: the names any later segment reads (keep these after k ran)."""
+    segs = manifest.segments
+    produced = {manifest.input.name}
+    for s in segs:
+        missing = [t.name for t in s.inputs if t.name not in produced]
+        if missing:
+            raise BundleError(f"segment {s.index} reads {missing}, which no earlier segment produces")
+        if s.exit not in {t.name for t in s.outputs}:
+            raise BundleError(f"segment {s.index} does not output its exit {s.exit!r}")
+        produced.update(t.name for t in s.outputs)
+    plan = []
+    for k in range(len(segs)):
+        later = {t.name for s in segs[k + 1 :] for t in s.inputs}
+        plan.append(frozenset(later))
+    return plan
+
+
+class Runner:
+    """Runs a bundle's segments on one backend with per-sample early exit (thread-safe)."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        entry: TargetEntry,
+        backend: Backend,
+        *,
+        thresholds: Thresholds | None = None,
+        criterion: Criterion | str | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> None:
+        if isinstance(batch_size, bool) or int(batch_size) < 1:
+            raise InputError(f"batch_size must be a positive integer, not {batch_size!r}")
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self.entry = entry
+        self.backend = backend
+        self.batch_size = int(batch_size)
+        self.segments: tuple[SegmentSpec, ...] = self.manifest.segments
+        if not self.segments:
+            raise BundleError(f"bundle {bundle.root} has no segments")
+        self._keep = _live_plan(self.manifest)
+        self.thresholds = resolve_thresholds(thresholds, criterion, None, len(self.segments))
+        self._criterion = (
+            _criterion(criterion) if criterion is not None
+            else self.thresholds.criterion if self.thresholds is not None else Criterion.MAX_SOFTMAX
+        )
+        self.sessions: tuple[Session, ...] = tuple(backend.open(bundle, entry, s) for s in self.segments)
+        safe = bool(getattr(backend, "thread_safe", False))
+        self._locks: tuple[AbstractContextManager[Any], ...] = tuple(
+            nullcontext() if safe else threading.Lock() for _ in self.segments
+        )
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_exits(self) -> int:
+        return len(self.segments)
+
+    @property
+    def criterion(self) -> Criterion:
+        """The exit criterion plain threshold sequences are read with."""
+        return self._criterion
+
+    @property
+    def classes(self) -> tuple[str, ...] | None:
+        return self.manifest.classes
+
+    # ------------------------------------------------------------------ inputs
+    def check_input(self, x: Any, names: Sequence[str] | None = None) -> np.ndarray:
+        """Validate ``x`` against the bundle's input and return it as contiguous (N, C, H, W).
+
+        A (C, H, W) array is one sample. Float arrays of any width are cast to the model
+        dtype; anything else, a wrong shape or channel count, NaN or inf is an
+        :class:`InputError` naming the offending input (``names[i]`` when given).
+        """
+        spec = self.manifest.input
+        if not isinstance(x, np.ndarray):
+            raise InputError(f"expected a numpy array, got {type(x).__name__}")
+        if x.ndim == len(spec.shape) - 1:
+            x = x[None]
+        what = _describe(names)
+        if x.ndim != len(spec.shape):
+            raise InputError(
+                f"{what}: expected shape {_shape_str(spec.shape)} (or one sample without the batch axis), "
+                f"got {x.shape}"
+            )
+        if not np.issubdtype(x.dtype, np.floating):
+            raise InputError(f"{what}: expected floating-point data (preprocessed images), got dtype {x.dtype}")
+        for axis, (got, want) in enumerate(zip(x.shape[1:], spec.shape[1:], strict=True), start=1):
+            if isinstance(want, int) and got != want:
+                if axis == 1:
+                    raise InputError(
+                        f"{what}: has {got} channel(s), the model expects {want} (shape {_shape_str(spec.shape)}, "
+                        f"got {x.shape})"
+                    )
+                raise InputError(f"{what}: expected shape {_shape_str(spec.shape)}, got {x.shape}")
+        x = np.ascontiguousarray(x, dtype=np.dtype(spec.dtype))
+        finite = np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1) if x.size else np.ones(x.shape[0], bool)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            label = [names[i] for i in bad[:5]] if names is not None else [f"sample {i}" for i in bad[:5]]
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            raise InputError(f"NaN or inf in {', '.join(label)}{more}")
+        return x
+
+    # ------------------------------------------------------------------ running
+    def run_segment(self, k: int, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """Run segment ``k`` (0-based) on backend arrays ``feeds``; every output by name."""
+        with self._locks[k]:
+            return self.sessions[k].run(feeds)
+
+    def predict(
+        self,
+        x: np.ndarray,
+        *,
+        thresholds: ThresholdsLike | None = None,
+        force_exits: Sequence[int] | np.ndarray | None = None,
+    ) -> Prediction:
+        """Classify ``x`` (N, C, H, W) with per-sample early exit, in batches of ``batch_size``.
+
+        ``thresholds`` overrides the runner's for this call (a sequence takes the runner's
+        criterion). ``force_exits`` (N,) makes sample i leave at exit ``force_exits[i]``
+        (1-based) whatever its confidence: for measuring cost on untrained weights.
+        """
+        x = self.check_input(x)
+        th = self._call_thresholds(thresholds)
+        forced = self._check_forced(force_exits, x.shape[0])
+        parts = []
+        for s in range(0, x.shape[0], self.batch_size):
+            f = None if forced is None else forced[s : s + self.batch_size]
+            parts.append(self._predict_batch(x[s : s + self.batch_size], th, f))
+        return Prediction.concat(parts)
+
+    def all_exits(self, x: np.ndarray) -> list[np.ndarray]:
+        """Every exit's logits for every sample (no early exit): K arrays (N, classes)."""
+        x = self.check_input(x)
+        chunks: list[list[np.ndarray]] = [[] for _ in self.segments]
+        for s in range(0, x.shape[0], self.batch_size):
+            live: dict[str, Any] = {self.manifest.input.name: self.backend.from_host(x[s : s + self.batch_size])}
+            for k, seg in enumerate(self.segments):
+                outs = self.run_segment(k, {t.name: live[t.name] for t in seg.inputs})
+                chunks[k].append(np.asarray(self.backend.to_host(outs[seg.exit])))
+                live.update(outs)
+                live = {n: v for n, v in live.items() if n in self._keep[k]}
+        if x.shape[0] == 0:
+            return [np.zeros((0, self.manifest.num_classes), np.float32) for _ in self.segments]
+        return [np.concatenate(c) for c in chunks]
+
+    def segment_feeds(self, x: np.ndarray) -> list[dict[str, Any]]:
+        """The feeds (backend arrays) each segment receives when all of ``x`` runs every segment.
+
+        For timing one segment in isolation (``run_segment(k, feeds[k])``); ``x`` is one batch.
+        """
+        x = self.check_input(x)
+        live: dict[str, Any] = {self.manifest.input.name: self.backend.from_host(x)}
+        feeds = []
+        for k, seg in enumerate(self.segments):
+            f = {t.name: live[t.name] for t in seg.inputs}
+            feeds.append(f)
+            live.update(self.run_segment(k, f))
+            live = {n: v for n, v in live.items() if n in self._keep[k]}
+        return feeds
+
+    def predict_files(
+        self,
+        paths: Iterable[str | os.PathLike[str]],
+        *,
+        thresholds: ThresholdsLike | None = None,
+        batch_size: int | None = None,
+    ) -> tuple[tuple[str, ...], Prediction]:
+        """Classify image files, image directories and ``.npy``/``.npz`` arrays.
+
+        Returns one name per sample (the file, or ``file[i]`` for array rows) and the
+        predictions, in input order; inputs are decoded ``batch_size`` at a time.
+        """
+        th = self._call_thresholds(thresholds)
+        bs = self.batch_size if batch_size is None else batch_size
+        if isinstance(bs, bool) or bs < 1:
+            raise InputError(f"batch_size must be a positive integer, not {bs!r}")
+        names: list[str] = []
+        parts = []
+        for batch in iter_input_batches(paths, self.manifest.preprocess, bs):
+            x = self.check_input(batch.x, batch.names)
+            parts.append(self._predict_batch(x, th, None))
+            names.extend(batch.names)
+        return tuple(names), Prediction.concat(parts)
+
+    # ------------------------------------------------------------------ internals
+    def _call_thresholds(self, thresholds: ThresholdsLike | None) -> Thresholds | None:
+        if thresholds is None:
+            return self.thresholds
+        crit = None if isinstance(thresholds, Thresholds) else self.criterion
+        return resolve_thresholds(thresholds, crit, None, self.num_exits)
+
+    def _check_forced(self, force: Sequence[int] | np.ndarray | None, n: int) -> np.ndarray | None:
+        if force is None:
+            return None
+        f = np.asarray(force)
+        if f.shape != (n,) or not (np.issubdtype(f.dtype, np.integer) or f.size == 0):
+            raise InputError(f"force_exits must be {n} integers (one per sample), got shape {f.shape} {f.dtype}")
+        if f.size and (f.min() < 1 or f.max() > self.num_exits):
+            raise InputError(f"force_exits must be in 1..{self.num_exits}, got {f.min()}..{f.max()}")
+        return f.astype(np.int64)
+
+    def _last_exit(self, th: Thresholds | None) -> int:
+        """1-based index of the last exit that runs (the last enabled one)."""
+        if th is None:
+            return self.num_exits
+        enabled = [k + 1 for k, v in enumerate(th.values) if v is not None]
+        return enabled[-1] if enabled else self.num_exits
+
+    def _predict_batch(self, x: np.ndarray, th: Thresholds | None, forced: np.ndarray | None) -> Prediction:
+        n = x.shape[0]
+        if n == 0:
+            return _empty_prediction()
+        crit = th.criterion if th is not None else self.criterion
+        last = int(forced.max()) if forced is not None else self._last_exit(th)
+        labels = np.zeros(n, np.int64)
+        exits = np.zeros(n, np.int64)
+        conf = np.zeros(n, np.float32)
+        score = np.zeros(n, np.float64)
+        active = np.arange(n)
+        live: dict[str, Any] = {self.manifest.input.name: self.backend.from_host(x)}
+        for k, seg in enumerate(self.segments[:last]):
+            outs = self.run_segment(k, {t.name: live[t.name] for t in seg.inputs})
+            logits = np.asarray(self.backend.to_host(outs[seg.exit]))
+            if k + 1 == last:
+                leave = np.ones(active.shape[0], bool)
+                s = criterion_scores(logits, crit)
+            elif forced is not None:
+                leave = forced[active] == k + 1
+                s = criterion_scores(logits, crit)
+            elif th is None or th.values[k] is None:
+                leave = np.zeros(active.shape[0], bool)
+                s = None
+            else:
+                s = criterion_scores(logits, crit)
+                leave = s >= th.values[k]
+            if leave.any():
+                assert s is not None
+                gone = active[leave]
+                lab, c = top1(logits[leave])
+                labels[gone], conf[gone], score[gone], exits[gone] = lab, c, s[leave], k + 1
+            if leave.all():
+                break
+            live.update(outs)
+            live = {name: v for name, v in live.items() if name in self._keep[k]}
+            if leave.any():
+                rows = np.flatnonzero(~leave).astype(np.int64)
+                live = {name: self.backend.take(v, rows) for name, v in live.items()}
+                active = active[rows]
+        return Prediction(labels, exits, conf, score)
+
+
+def _describe(names: Sequence[str] | None) -> str:
+    if not names:
+        return "input"
+    if len(names) == 1:
+        return f"input {names[0]!r}"
+    return f"inputs {names[0]!r}..{names[-1]!r}"
+
+
+def _shape_str(shape: Sequence[int | str]) -> str:
+    return "(" + ", ".join("N" if d == BATCH else str(d) for d in shape) + ")"
+
+
+def load(
+    bundle: str | os.PathLike[str] | Bundle,
+    target: str | TargetName | None = None,
+    *,
+    thresholds: ThresholdsLike | None = None,
+    criterion: Criterion | str | None = None,
+    threads: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    verify: bool = True,
+    **backend_options: Any,
+) -> Runner:
+    """Open ``bundle`` on ``target`` (default: ONNX Runtime fp32, the raw segments).
+
+    Thresholds come from the target entry unless ``thresholds`` (a :class:`Thresholds`
+    or one value per exit, ``None`` = exit disabled) overrides them; with none at all,
+    every sample takes the last exit. ``threads`` and ``backend_options`` go to the backend.
+    """
+    b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify)
+    entry = b.manifest.target(target)
+    th = resolve_thresholds(thresholds, criterion, entry.thresholds, len(b.manifest.segments))
+    backend = create_backend(entry.target, threads=threads, **backend_options)
+    return Runner(b, entry, backend, thresholds=th, criterion=criterion, batch_size=batch_size)
