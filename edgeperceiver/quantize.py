@@ -16,14 +16,18 @@ Heavy modules (onnx, nncf) are imported inside the functions.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ._optional import require
 from .errors import InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .bundle import Manifest
 
 _QUANT_OPS = frozenset({"QuantizeLinear", "DynamicQuantizeLinear"})
 
@@ -140,43 +144,55 @@ def quantize_qdq(
 
 
 def split_shared_quantizers(model: Any) -> Any:
-    """Give every DequantizeLinear its own QuantizeLinear (duplicating shared Q nodes).
+    """Give every consumer of a quantized activation its own QuantizeLinear -> DequantizeLinear.
 
-    A graph cut assigns a node to the first segment that needs it; with one Q per DQ the
-    Q is needed only by its DQ, so the two always land in the same segment and no carried
-    tensor is ever an integer tensor. Returns a new model; the input is not modified.
+    NNCF quantizes an activation once and lets the DQ output fan out. A cut would then
+    either separate a Q from its DQ or carry the DQ output (a new name) across the
+    boundary. With a private Q->DQ pair per consumer, the pair always lands in its
+    consumer's segment, no integer tensor ever crosses a cut, and the carried tensors keep
+    the float graph's names (so the QDQ segments have exactly the FP32 segments'
+    interfaces). OpenVINO merges identical quantizers of one tensor inside a segment
+    again. Weight quantizers (DQ of an initializer) are left alone. Returns a new model.
     """
     onnx = require("onnx", purpose="INT8 QDQ quantization")
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
+    inits = {i.name for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, list[Any]] = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     graph_outputs = {o.name for o in graph.output}
-    new_nodes: list[Any] = []
-    for node in graph.node:
-        new_nodes.append(node)
-        if node.op_type != "QuantizeLinear":
+    extra: dict[int, list[Any]] = {}  # id(Q node) -> cloned Q/DQ nodes to insert after it
+    for dq in list(graph.node):
+        if dq.op_type != "DequantizeLinear" or dq.input[0] in inits:
             continue
-        users = consumers.get(node.output[0], [])
-        if node.output[0] in graph_outputs:
+        q = producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or dq.output[0] in graph_outputs:
             continue
+        users = list({id(u): u for u in consumers.get(dq.output[0], [])}.values())
         for j, user in enumerate(users[1:], start=1):
-            clone = onnx.NodeProto()
-            clone.CopyFrom(node)
-            clone.name = f"{node.name or node.output[0]}__q{j}"
-            clone.output[0] = f"{node.output[0]}__q{j}"
+            base = dq.output[0]
+            q2, dq2 = onnx.NodeProto(), onnx.NodeProto()
+            q2.CopyFrom(q)
+            dq2.CopyFrom(dq)
+            q2.name = f"{q.name or q.output[0]}__c{j}"
+            q2.output[0] = f"{q.output[0]}__c{j}"
+            dq2.name = f"{dq.name or base}__c{j}"
+            dq2.input[0] = q2.output[0]
+            dq2.output[0] = f"{base}__c{j}"
             for k, name in enumerate(user.input):
-                if name == node.output[0]:
-                    user.input[k] = clone.output[0]
-            new_nodes.append(clone)
+                if name == base:
+                    user.input[k] = dq2.output[0]
+            extra.setdefault(id(dq), []).extend([q2, dq2])
     copies = []
-    for node in new_nodes:
-        c = onnx.NodeProto()
-        c.CopyFrom(node)
-        copies.append(c)
+    for node in graph.node:
+        for n in [node, *extra.get(id(node), [])]:
+            c = onnx.NodeProto()
+            c.CopyFrom(n)
+            copies.append(c)
     del graph.node[:]
     graph.node.extend(copies)
     return out
@@ -209,3 +225,35 @@ def check_qdq_segments(segments: Iterable[Any]) -> None:
 def quantized_op_count(model: Any) -> int:
     """Number of QuantizeLinear nodes in an ONNX model (0 = not quantized)."""
     return sum(1 for n in model.graph.node if n.op_type in _QUANT_OPS)
+
+
+def qdq_segments(
+    model_path: str | os.PathLike[str],
+    manifest: Manifest,
+    calib: np.ndarray,
+    config: QuantizeConfig | None = None,
+) -> tuple[Any, list[Any]]:
+    """Quantize a bundle's monolithic ONNX model once and cut it like the FP32 segments.
+
+    Returns ``(qdq_model, qdq_segments)``. Raises :class:`~edgeperceiver.errors.ExportError`
+    if a cut would split a Q from its DQ or a QDQ segment's interface (input and output
+    names) differs from the bundle's FP32 segment (the runtime feeds tensors by name).
+    """
+    from .cut import cut_model
+    from .errors import ExportError
+    from .onnx_utils import load_model
+
+    model = load_model(os.fspath(model_path))
+    qmodel = quantize_qdq(model, calib, config=config, input_name=manifest.input.name)
+    plan, segments, _ = cut_model(qmodel, manifest.exits)
+    check_qdq_segments(segments)
+    for spec, seg in zip(manifest.segments, plan.segments, strict=True):
+        want = ({t.name for t in spec.inputs}, {t.name for t in spec.outputs})
+        got = (set(seg.inputs), set(seg.outputs))
+        if want != got:
+            raise ExportError(
+                f"segment {spec.index}: the quantized graph cuts at different tensors "
+                f"(inputs {sorted(got[0])}, outputs {sorted(got[1])}) than the bundle "
+                f"(inputs {sorted(want[0])}, outputs {sorted(want[1])})"
+            )
+    return qmodel, segments

@@ -82,6 +82,7 @@ class OpenVINOBackend(HostArrays):
     """Runs OpenVINO IR segments on the CPU; carried tensors stay numpy arrays on the host."""
 
     name = "openvino"
+    thread_safe = True  #: one infer request per thread; compiled models are shared
 
     def __init__(
         self,

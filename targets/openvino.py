@@ -1,0 +1,354 @@
+"""Compile a bundle's segments for OpenVINO (x86 CPU): FP32, BF16 or INT8 IR per segment.
+
+Artifacts under ``openvino-<precision>/``: ``seg{k}.xml/.bin`` (one IR per segment, what
+the runtime runs) and ``model.xml/.bin`` (the monolithic model at the same precision, for
+benchmarks and the cut-cost report). Weights are stored in FP32 (``compress_to_fp16`` off):
+the precision that runs is pinned at compile time in the runtime with
+``INFERENCE_PRECISION_HINT`` and recorded in the entry's metadata
+(``inference_precision``), because OpenVINO would otherwise pick bf16 on CPUs that have it.
+
+INT8 (``calib`` = preprocessed real images), two methods (``options["method"]``):
+
+- ``"qdq"`` (default): the whole multi-exit graph is quantized once into a QDQ ONNX graph
+  (:func:`edgeperceiver.quantize.quantize_qdq`), cut with the export's cut, and every QDQ
+  segment is converted to IR (OpenVINO turns Q/DQ pairs into FakeQuantize and runs the
+  quantized ops in int8). Every target consumes the same quantizers.
+- ``"segment"``: each FP32 segment is quantized on its own with NNCF's OpenVINO backend;
+  its calibration inputs are made by running the earlier FP32 segments on the images.
+
+The entry's metadata holds a compile report: per exit, top-1 agreement and the max
+absolute logit difference against FP32 on the calibration images, and each segment's
+measured batch-1 latency (also the monolithic model's, and the cost of the cut).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeperceiver._optional import require
+from edgeperceiver.bundle import BATCH, BundleWriter, Manifest, SegmentSpec, TargetEntry
+from edgeperceiver.errors import InputError, TargetError
+from edgeperceiver.quantize import QuantizeConfig, check_calibration, nncf_quantize
+from edgeperceiver.types import Precision, TargetName
+
+METHODS = ("qdq", "segment")
+_PRECISION_HINT = {Precision.FP32: "f32", Precision.BF16: "bf16", Precision.INT8: "f32"}
+
+
+@dataclass(frozen=True)
+class OpenVINOOptions:
+    """``compile --target openvino`` options (``options`` dict keys = field names)."""
+
+    method: str = "qdq"  #: INT8 method: "qdq" (whole graph, then cut) or "segment" (per segment)
+    float_precision: str = "f32"  #: INT8 only: precision of the ops left in float ("f32" or "bf16")
+    quant: QuantizeConfig = field(default_factory=QuantizeConfig)
+    threads: int | None = None  #: threads for the latency report (None = OpenVINO's default)
+    latency_runs: int = 30  #: timed batch-1 runs per segment for the report (0 = skip)
+    report_samples: int = 64  #: calibration images used for the agreement report (0 = skip)
+    monolithic: bool = True  #: also write the monolithic model (benchmarks, cut cost)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> OpenVINOOptions:
+        """Build from the CLI's option dict; unknown keys are an :class:`InputError`."""
+        quant_keys = {f.name for f in dataclasses.fields(QuantizeConfig)}
+        own_keys = {f.name for f in dataclasses.fields(cls)} - {"quant"}
+        unknown = sorted(set(options) - quant_keys - own_keys)
+        if unknown:
+            raise InputError(
+                f"unknown OpenVINO option(s) {unknown}; known: {sorted(own_keys | quant_keys)}"
+            )
+        quant = QuantizeConfig(**{k: v for k, v in options.items() if k in quant_keys})
+        opts = cls(quant=quant, **{k: v for k, v in options.items() if k in own_keys})
+        if opts.method not in METHODS:
+            raise InputError(f"OpenVINO INT8 method must be one of {METHODS}, not {opts.method!r}")
+        if opts.float_precision not in ("f32", "bf16"):
+            raise InputError(f"float_precision must be 'f32' or 'bf16', not {opts.float_precision!r}")
+        if opts.threads is not None and (isinstance(opts.threads, bool) or int(opts.threads) < 1):
+            raise InputError(f"threads must be a positive integer, not {opts.threads!r}")
+        return opts
+
+
+def compile_target(
+    writer: BundleWriter, precision: Precision, *, calib: np.ndarray | None, options: Mapping[str, Any]
+) -> TargetEntry:
+    """Convert (and for INT8 quantize) every segment to OpenVINO IR under ``openvino-<precision>/``."""
+    ov = require("openvino", purpose="compiling for OpenVINO")
+    if precision not in _PRECISION_HINT:
+        raise InputError(f"OpenVINO builds fp32, bf16 or int8, not {precision.value}")
+    opts = OpenVINOOptions.from_options(options)
+    manifest = writer.manifest
+    if manifest is None:
+        raise TargetError("internal: compile_target needs a bundle with a manifest")
+    out_dir = f"{TargetName.OPENVINO.value}-{precision.value}"
+    hint = opts.float_precision if precision is Precision.INT8 else _PRECISION_HINT[precision]
+    core = ov.Core()
+    log = _Log()
+    fp32_models = [_read(core, writer.dir / s.path) for s in manifest.segments]
+    metadata: dict[str, Any] = {
+        "openvino": str(ov.get_version()),
+        "inference_precision": hint,
+        "device": "CPU",
+        "cpu": _cpu_name(core),
+        "weights": "fp32",
+    }
+    mono_src: Any = None
+    if precision is Precision.INT8:
+        if calib is None:
+            raise InputError("INT8 needs calibration images (--calib-data)")
+        calib = check_calibration(calib, manifest.input.shape)
+        metadata["method"] = opts.method
+        metadata["quantization"] = {**opts.quant.describe(), "calibration_images": int(calib.shape[0])}
+        log(f"quantizing INT8 ({opts.method}) on {calib.shape[0]} calibration images ...")
+        t0 = time.perf_counter()
+        if opts.method == "qdq":
+            seg_models, mono_src = _qdq_models(core, writer, manifest, calib, opts.quant)
+        else:
+            seg_models = _segment_quantize(core, fp32_models, manifest, calib, opts.quant, opts.threads)
+            mono_src = None
+        metadata["quantize_seconds"] = round(time.perf_counter() - t0, 1)
+    else:
+        seg_models = fp32_models
+    if opts.monolithic and mono_src is None and precision is not Precision.INT8:
+        mono_src = _read(core, writer.dir / manifest.model_path)
+
+    paths = []
+    for spec, model in zip(manifest.segments, seg_models, strict=True):
+        _check_interface(model, spec)
+        rel = f"{out_dir}/seg{spec.index}.xml"
+        ov.save_model(model, str(writer.path(rel)), compress_to_fp16=False)
+        paths.append(rel)
+    mono_rel = None
+    if opts.monolithic and mono_src is not None:
+        mono_rel = f"{out_dir}/model.xml"
+        ov.save_model(mono_src, str(writer.path(mono_rel)), compress_to_fp16=False)
+
+    report = _report(core, manifest, fp32_models, seg_models, mono_src, calib, hint, opts, log, precision)
+    metadata.update(report)
+    latency = tuple(report.get("cumulative_ms", ()))
+    return TargetEntry(
+        target=TargetName.OPENVINO, precision=precision, segments=tuple(paths),
+        monolithic=mono_rel, metadata=metadata, latency_ms=latency,
+    )
+
+
+# --------------------------------------------------------------------------- INT8
+
+
+def _qdq_models(
+    core: Any, writer: BundleWriter, manifest: Manifest, calib: np.ndarray, config: QuantizeConfig
+) -> tuple[list[Any], Any]:
+    """Quantize model.onnx as one QDQ graph, cut it, and read every QDQ segment into OpenVINO."""
+    from edgeperceiver.quantize import qdq_segments
+
+    onnx = require("onnx", purpose="INT8 QDQ quantization")
+    qmodel, segs = qdq_segments(writer.dir / manifest.model_path, manifest, calib, config)
+    with tempfile.TemporaryDirectory(prefix="ep-ov-") as tmp:
+        models = []
+        for k, seg in enumerate(segs, start=1):
+            p = Path(tmp) / f"seg{k}.onnx"
+            onnx.save(seg, str(p))
+            models.append(_read(core, p))
+        p = Path(tmp) / "model.onnx"
+        onnx.save(qmodel, str(p))
+        mono = _read(core, p)
+    return models, mono
+
+
+def _segment_quantize(
+    core: Any,
+    fp32_models: Sequence[Any],
+    manifest: Manifest,
+    calib: np.ndarray,
+    config: QuantizeConfig,
+    threads: int | None,
+) -> list[Any]:
+    """NNCF on each OpenVINO segment, calibrated on the inputs the earlier FP32 segments make."""
+    chain = _Chain(core, fp32_models, manifest.segments, "f32", threads)
+    per_image = [chain.run_all({manifest.input.name: calib[i : i + 1]}) for i in range(calib.shape[0])]
+    quantized = []
+    for spec, model in zip(manifest.segments, fp32_models, strict=True):
+        feeds = [{t.name: live[t.name] for t in spec.inputs} for live in per_image]
+        static = _reshaped(model, spec, 1)
+        quantized.append(nncf_quantize(static, feeds, config))
+    return quantized
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _report(
+    core: Any,
+    manifest: Manifest,
+    fp32_models: Sequence[Any],
+    models: Sequence[Any],
+    mono: Any,
+    calib: np.ndarray | None,
+    hint: str,
+    opts: OpenVINOOptions,
+    log: Callable[[str], None],
+    precision: Precision,
+) -> dict[str, Any]:
+    """Agreement with FP32 per exit (on the calibration images) and batch-1 latencies."""
+    out: dict[str, Any] = {}
+    exits = manifest.exits
+    if calib is not None and opts.report_samples > 0 and precision is not Precision.FP32:
+        images = calib[: opts.report_samples]
+        ref = _Chain(core, fp32_models, manifest.segments, "f32", opts.threads).exits(images, manifest)
+        got = _Chain(core, models, manifest.segments, hint, opts.threads).exits(images, manifest)
+        per_exit = []
+        for k, (a, b) in enumerate(zip(ref, got, strict=True), start=1):
+            agree = float(np.mean(a.argmax(1) == b.argmax(1)))
+            diff = float(np.max(np.abs(a - b)))
+            per_exit.append({"exit": k, "name": exits[k - 1], "top1_agreement": round(agree, 4),
+                             "max_abs_logit_diff": round(diff, 5)})
+            log(f"  exit {k} ({exits[k - 1]}): top-1 agreement with fp32 {agree:.2%}, max |logit diff| {diff:.4f}")
+        out["agreement"] = {"images": int(images.shape[0]), "reference": "openvino-f32", "exits": per_exit}
+    if opts.latency_runs > 0:
+        seg_ms, mono_ms = measure_latency(core, models, manifest.segments, mono, manifest, hint,
+                                          threads=opts.threads, runs=opts.latency_runs)
+        cumulative = list(np.cumsum(seg_ms))
+        out["segment_ms"] = [round(x, 3) for x in seg_ms]
+        out["cumulative_ms"] = [round(float(x), 3) for x in cumulative]
+        for k, (s, c) in enumerate(zip(seg_ms, cumulative, strict=True), start=1):
+            log(f"  segment {k}: {s:.2f} ms (to exit {k}: {c:.2f} ms)")
+        if mono_ms is not None:
+            out["monolithic_ms"] = round(mono_ms, 3)
+            out["cut_overhead"] = round(float(cumulative[-1]) / mono_ms - 1.0, 4)
+            log(f"  monolithic: {mono_ms:.2f} ms; the segments back to back cost "
+                f"{out['cut_overhead']:+.1%}")
+        out["latency_threads"] = opts.threads
+    return out
+
+
+def measure_latency(
+    core: Any,
+    models: Sequence[Any],
+    specs: Sequence[SegmentSpec],
+    mono: Any,
+    manifest: Manifest,
+    hint: str,
+    *,
+    threads: int | None = None,
+    runs: int = 30,
+) -> tuple[list[float], float | None]:
+    """Median batch-1 latency (ms) of each segment and of the monolithic model, interleaved."""
+    chain = _Chain(core, models, specs, hint, threads)
+    x = np.random.default_rng(0).standard_normal((1, *manifest.input.shape[1:])).astype(np.float32)  # type: ignore[arg-type]
+    feeds = chain.run_all({manifest.input.name: x})
+    reqs = [chain.compiled(k, 1).create_infer_request() for k in range(len(specs))]
+    seg_feeds = [{t.name: feeds[t.name] for t in s.inputs} for s in specs]
+    mono_req = None
+    if mono is not None:
+        m = mono.clone()
+        m.reshape({manifest.input.name: [1, *manifest.input.shape[1:]]})
+        mono_req = core.compile_model(m, "CPU", _props(hint, threads)).create_infer_request()
+    times: list[list[float]] = [[] for _ in specs]
+    mono_t: list[float] = []
+    for _ in range(3):  # warm-up
+        for r, f in zip(reqs, seg_feeds, strict=True):
+            r.infer(f)
+        if mono_req is not None:
+            mono_req.infer({manifest.input.name: x})
+    for _ in range(runs):
+        for k, (r, f) in enumerate(zip(reqs, seg_feeds, strict=True)):
+            t = time.perf_counter()
+            r.infer(f)
+            times[k].append(time.perf_counter() - t)
+        if mono_req is not None:
+            t = time.perf_counter()
+            mono_req.infer({manifest.input.name: x})
+            mono_t.append(time.perf_counter() - t)
+    seg_ms = [statistics.median(t) * 1e3 for t in times]
+    return seg_ms, (statistics.median(mono_t) * 1e3 if mono_t else None)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _Chain:
+    """Run OpenVINO segment models back to back (static shape per batch size)."""
+
+    def __init__(
+        self, core: Any, models: Sequence[Any], specs: Sequence[SegmentSpec], hint: str, threads: int | None
+    ) -> None:
+        self.core, self.models, self.specs, self.hint, self.threads = core, models, specs, hint, threads
+        self._cache: dict[tuple[int, int], Any] = {}
+
+    def compiled(self, k: int, batch: int) -> Any:
+        key = (k, batch)
+        if key not in self._cache:
+            model = _reshaped(self.models[k], self.specs[k], batch)
+            try:
+                self._cache[key] = self.core.compile_model(model, "CPU", _props(self.hint, self.threads))
+            except RuntimeError as exc:
+                raise TargetError(f"OpenVINO cannot compile segment {k + 1}: {exc}") from exc
+        return self._cache[key]
+
+    def run_all(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        live = dict(feeds)
+        batch = int(next(iter(feeds.values())).shape[0])
+        for k, spec in enumerate(self.specs):
+            cm = self.compiled(k, batch)
+            res = cm({t.name: live[t.name] for t in spec.inputs})
+            for t in spec.outputs:
+                live[t.name] = np.array(res[cm.output(t.name)], copy=True)
+        return live
+
+    def exits(self, images: np.ndarray, manifest: Manifest, batch: int = 16) -> list[np.ndarray]:
+        parts: list[list[np.ndarray]] = [[] for _ in self.specs]
+        for i in range(0, images.shape[0], batch):
+            live = self.run_all({manifest.input.name: images[i : i + batch]})
+            for k, spec in enumerate(self.specs):
+                parts[k].append(live[spec.exit])
+        return [np.concatenate(p) for p in parts]
+
+
+def _props(hint: str, threads: int | None) -> dict[str, Any]:
+    props: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint}
+    if threads is not None:
+        props["INFERENCE_NUM_THREADS"] = int(threads)
+    return props
+
+
+def _reshaped(model: Any, spec: SegmentSpec, batch: int) -> Any:
+    m = model.clone()
+    m.reshape({t.name: [batch if d == BATCH else int(d) for d in t.shape] for t in spec.inputs})
+    return m
+
+
+def _read(core: Any, path: Path) -> Any:
+    try:
+        return core.read_model(str(path))
+    except RuntimeError as exc:
+        raise TargetError(f"OpenVINO cannot read {path.name}: {exc}") from exc
+
+
+def _check_interface(model: Any, spec: SegmentSpec) -> None:
+    have_in = {n for p in model.inputs for n in p.get_names()}
+    have_out = {n for p in model.outputs for n in p.get_names()}
+    missing = [t.name for t in spec.inputs if t.name not in have_in]
+    missing += [t.name for t in spec.outputs if t.name not in have_out]
+    if missing:
+        raise TargetError(f"segment {spec.index}: the OpenVINO model lacks the bundle's tensors {missing}")
+
+
+def _cpu_name(core: Any) -> str:
+    try:
+        return str(core.get_property("CPU", "FULL_DEVICE_NAME"))
+    except RuntimeError:
+        return "unknown"
+
+
+class _Log:
+    def __call__(self, msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
