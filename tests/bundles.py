@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,16 +36,16 @@ OPSET = 17
 
 def _toy_graphs(
     num_classes: int, channels: int, size: int, width: int, seed: int, logit_scale: float
-) -> tuple[list[object], object]:
+) -> tuple[list[Any], object]:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
 
-    def w(name: str, *shape: int, scale: float = 0.5) -> object:
+    def w(name: str, *shape: int, scale: float = 0.5) -> Any:
         return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
 
-    def conv(name: str, src: str, out: str, cin: int) -> tuple[list[object], list[object]]:
+    def conv(name: str, src: str, out: str, cin: int) -> tuple[list[Any], list[Any]]:
         inits = [w(f"{name}_w", width, cin, 3, 3, scale=1.0 / np.sqrt(cin * 9)), w(f"{name}_b", width, scale=0.1)]
         nodes = [
             helper.make_node("Conv", [src, f"{name}_w", f"{name}_b"], [f"{name}_c"], pads=[1, 1, 1, 1]),
@@ -52,7 +53,7 @@ def _toy_graphs(
         ]
         return nodes, inits
 
-    def head(name: str, src: str, out: str) -> tuple[list[object], list[object]]:
+    def head(name: str, src: str, out: str) -> tuple[list[Any], list[Any]]:
         inits = [w(f"{name}_w", width, num_classes, scale=logit_scale), w(f"{name}_b", num_classes, scale=0.1)]
         nodes = [
             helper.make_node("GlobalAveragePool", [src], [f"{name}_p"]),
@@ -74,14 +75,14 @@ def _toy_graphs(
     res = [helper.make_node("Add", ["h3a", "h1"], ["h3"])]
     h3n, h3i = head("e3h", "h3", "e3")
 
-    def vi(name: str, *shape: int | str) -> object:
+    def vi(name: str, *shape: int | str) -> Any:
         return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
 
     x = vi("x", "batch", channels, size, size)
     h1, h2 = vi("h1", "batch", width, size, size), vi("h2", "batch", width, size, size)
     e = [vi(f"e{k}", "batch", num_classes) for k in (1, 2, 3)]
 
-    def model(nodes: list[object], inits: list[object], ins: list[object], outs: list[object]) -> object:
+    def model(nodes: list[Any], inits: list[Any], ins: list[Any], outs: list[Any]) -> Any:
         g = helper.make_graph(nodes, "toy", ins, outs, initializer=inits)
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
         m.ir_version = 8
@@ -114,6 +115,8 @@ def make_toy_bundle(
     """Write a 3-exit toy bundle at ``dest`` (an ``onnxruntime-fp32`` target, optional thresholds)."""
     import onnx
 
+    segs: list[Any]
+    mono: Any
     segs, mono = _toy_graphs(num_classes, channels, size, width, seed, logit_scale)
 
     def t(name: str, *shape: int | str) -> TensorSpec:
