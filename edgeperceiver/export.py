@@ -1,0 +1,652 @@
+"""Export a multi-exit classifier to a bundle: one ONNX model, cut into one segment per exit, verified.
+
+Three sources, one pipeline (:func:`_export_graph`):
+
+* :func:`export_checkpoint` — an official Dyn-Perceiver checkpoint (``edgeperceiver.models``);
+* :func:`export_module` — any ``torch.nn.Module`` returning its exit logits in order;
+* :func:`export_onnx` — an ONNX model whose outputs (named by ``exits``) are the exits.
+
+PyTorch models go through the TorchScript exporter (``dynamo=False``; torch 2.13's dynamo
+exporter writes a Squeeze ONNX Runtime refuses) with a dynamic ``batch`` axis. The shape
+arithmetic it emits is folded for the static C, H, W (:func:`~edgeperceiver.onnx_utils.fold_static_shapes`),
+then the graph is cut (:mod:`edgeperceiver.cut`) and verified in ONNX Runtime: reference
+(PyTorch or the source ONNX) vs monolithic ONNX vs chained segments, per exit, on a seeded
+random batch. A disagreement beyond tolerance raises :class:`ExportError`; nothing is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import itertools
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._optional import require
+from .bundle import BATCH, Manifest, Preprocess, SegmentSpec, TargetEntry, TensorSpec, write_bundle
+from .cut import CutPlan, cut_model
+from .errors import CheckpointError, EdgePerceiverError, ExportError, InputError
+from .onnx_utils import (
+    FoldStats,
+    eliminate_dead,
+    fold_static_shapes,
+    input_info,
+    load_model,
+    macs_tensors,
+    make_batch_dynamic,
+    node_macs,
+    np_dtype_name,
+    numel,
+    ort_session,
+    probe,
+    random_input,
+    restrict_outputs,
+)
+from .types import Precision, TargetName
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+    import torch
+
+#: absolute tolerance per unit of output magnitude: tol = ATOL * max(1, max |reference|)
+ATOL = 1e-4
+INPUT_NAME = "input"
+PARAM_DTYPES = frozenset({"float32", "float16", "bfloat16", "float64", "int8", "uint8"})
+
+Reference = Callable[[np.ndarray], Mapping[str, np.ndarray]]
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass(frozen=True)
+class VerifyRow:
+    """Verification of one exit: max abs differences and top-1 agreement on the verify batch."""
+
+    exit: str
+    reference_vs_onnx: float | None  #: None when the reference *is* the ONNX model
+    onnx_vs_segments: float
+    reference_vs_segments: float | None
+    top1_agreement: float  #: share of samples where reference and chained segments agree on top-1
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        all_diffs = (self.reference_vs_onnx, self.onnx_vs_segments, self.reference_vs_segments)
+        diffs = [d for d in all_diffs if d is not None]
+        return all(np.isfinite(d) and d <= self.tolerance for d in diffs)
+
+
+@dataclass(frozen=True)
+class SegmentStat:
+    """Size and cost of one segment (per sample)."""
+
+    index: int
+    exit: str
+    nodes: int
+    params: int  #: parameters of the initializers this segment is first to use
+    flops: int  #: multiply-accumulates of Conv/Gemm/MatMul per sample
+    inputs: tuple[str, ...]
+    carried: tuple[TensorSpec, ...]  #: outputs a later segment reads
+    carried_bytes: int
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What an export did; ``render()`` is the text table the CLI prints."""
+
+    out: Path
+    model_name: str
+    source: str
+    reference: str  #: "torch" or "onnx"
+    exits: tuple[str, ...]
+    verify_batch: int
+    seed: int
+    rows: tuple[VerifyRow, ...]
+    segments: tuple[SegmentStat, ...]
+    fold: FoldStats | None = None
+    simplified: str | None = None  #: the simplifier used, if any
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.rows)
+
+    @property
+    def total_flops(self) -> int:
+        return sum(s.flops for s in self.segments)
+
+    @property
+    def total_params(self) -> int:
+        return sum(s.params for s in self.segments)
+
+    def cumulative_flops(self) -> tuple[int, ...]:
+        """MACs per sample to reach each exit."""
+        out, acc = [], 0
+        for s in self.segments:
+            acc += s.flops
+            out.append(acc)
+        return tuple(out)
+
+    def render(self) -> str:
+        ref = self.reference
+        lines = [
+            f"{self.model_name} ({self.source}) -> {self.out}",
+            f"verification on a seeded random batch of {self.verify_batch} (seed {self.seed}), ONNX Runtime CPU:",
+        ]
+        head = ("exit", "name", f"{ref} vs onnx", "onnx vs segments", f"{ref} vs segments", "top-1 agree", "tol", "ok")
+        rows = []
+        for k, r in enumerate(self.rows, 1):
+            rows.append((
+                str(k), r.exit, _fmt(r.reference_vs_onnx), _fmt(r.onnx_vs_segments), _fmt(r.reference_vs_segments),
+                f"{r.top1_agreement:.0%}", f"{r.tolerance:.1e}", "yes" if r.ok else "NO",
+            ))
+        lines += _table(head, rows)
+        lines.append("segments (per sample):")
+        head2 = ("seg", "exit", "nodes", "params", "MMACs", "cum. MMACs", "carried out", "carried KB")
+        rows2 = []
+        for s, cum in zip(self.segments, self.cumulative_flops(), strict=True):
+            rows2.append((
+                str(s.index), s.exit, str(s.nodes), f"{s.params:,}", f"{s.flops / 1e6:.1f}", f"{cum / 1e6:.1f}",
+                ", ".join(_short(t) for t in s.carried) or "-", f"{s.carried_bytes / 1024:.1f}",
+            ))
+        lines += _table(head2, rows2)
+        if self.fold is not None:
+            lines.append(
+                f"graph: {self.fold.nodes_before} -> {self.fold.nodes_after} nodes after folding static shapes"
+                + (f", simplified with {self.simplified}" if self.simplified else "")
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2e}"
+
+
+def _short(t: TensorSpec) -> str:
+    dims = "x".join(str(d) for d in t.shape if d != BATCH)
+    return f"[{dims}]"
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return [fmt.format(*head), *(fmt.format(*r) for r in rows)]
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    arch: str | None = None,
+    exits: Sequence[int] | None = None,
+    labels: str | os.PathLike[str] | Sequence[str] | None = None,
+    simplify: bool = False,
+    opset: int = 17,
+    overwrite: bool = False,
+    verify_batch: int = 2,
+    seed: int = 0,
+    threads: int | None = None,
+) -> ExportReport:
+    """Export an official Dyn-Perceiver checkpoint (architecture from its ``args`` or ``arch``)."""
+    try:
+        models = importlib.import_module("edgeperceiver.models")
+    except ImportError as exc:
+        raise ExportError(f"the model zoo (edgeperceiver.models) is not available: {exc}") from exc
+    ckpt = Path(checkpoint)
+    if not ckpt.is_file():
+        raise CheckpointError(f"{ckpt}: no such checkpoint file")
+    module = models.load_checkpoint(ckpt, name=arch)
+    size = getattr(module, "input_size", 224)
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    pre = Preprocess(size=(h, w), resize=round(min(h, w) / 0.875))
+    name = str(getattr(module, "name", None) or arch or type(module).__name__)
+    return export_module(
+        module, (3, h, w), out, exit_names=getattr(module, "exit_names", None), preprocess=pre, name=name,
+        exits=exits, labels=labels, simplify=simplify, opset=opset, overwrite=overwrite,
+        verify_batch=verify_batch, seed=seed, threads=threads, _source="checkpoint",
+        _extra={"checkpoint": ckpt.name},
+    )
+
+
+def export_module(
+    module: torch.nn.Module,
+    input_shape: tuple[int, int, int],
+    out: str | os.PathLike[str],
+    *,
+    exit_names: Sequence[str] | None = None,
+    preprocess: Preprocess | None = None,
+    name: str | None = None,
+    exits: Sequence[int] | None = None,
+    labels: str | os.PathLike[str] | Sequence[str] | None = None,
+    simplify: bool = False,
+    opset: int = 17,
+    overwrite: bool = False,
+    verify_batch: int = 2,
+    seed: int = 0,
+    threads: int | None = None,
+    _source: str = "module",
+    _extra: Mapping[str, Any] | None = None,
+) -> ExportReport:
+    """Export a PyTorch module whose forward returns its exit logits (a tuple/list, in exit order).
+
+    ``input_shape`` is (C, H, W); the batch axis is dynamic. ``exit_names`` default to the
+    module's ``exit_names`` attribute, else ``exit1..exitK``.
+    """
+    torch = require("torch", purpose="exporting PyTorch models")
+    if not isinstance(module, torch.nn.Module):
+        raise InputError(f"expected a torch.nn.Module, got {type(module).__name__}")
+    chw = _check_shape(input_shape)
+    _check_verify(verify_batch, opset)
+    module.eval()
+    probe_x = torch.from_numpy(random_input((2, *chw), seed=seed))
+    with torch.no_grad():
+        outs = module(probe_x)
+    outs = _exit_tensors(outs, torch)
+    names = tuple(exit_names if exit_names is not None else getattr(module, "exit_names", None) or
+                  [f"exit{k}" for k in range(1, len(outs) + 1)])
+    if len(names) != len(outs):
+        raise InputError(f"{len(names)} exit names given for a module that returns {len(outs)} exits")
+    if len(set(names)) != len(names) or INPUT_NAME in names:
+        raise InputError(f"exit names must be distinct and not {INPUT_NAME!r}: {list(names)}")
+
+    def reference(x: np.ndarray) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            got = _exit_tensors(module(torch.from_numpy(x)), torch)
+        return {n: t.detach().cpu().numpy() for n, t in zip(names, got, strict=True)}
+
+    model = _torch_to_onnx(module, probe_x, names, opset, torch)
+    pre = preprocess or Preprocess(
+        size=(chw[1], chw[2]), channels=chw[0],
+        mean=(0.485, 0.456, 0.406) if chw[0] == 3 else (0.5,) * chw[0],
+        std=(0.229, 0.224, 0.225) if chw[0] == 3 else (0.5,) * chw[0],
+    )
+    extra = {"exporter": f"torch {torch.__version__} TorchScript (dynamo=False)", **(_extra or {})}
+    return _export_graph(
+        model, names, out, name=name or type(module).__name__, source=_source, reference=reference,
+        reference_kind="torch", preprocess=pre, keep=exits, labels=labels, simplify=simplify,
+        overwrite=overwrite, verify_batch=verify_batch, seed=seed, threads=threads, extra=extra,
+    )
+
+
+def export_onnx(
+    onnx_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    exits: Sequence[str],
+    keep: Sequence[int] | None = None,
+    labels: str | os.PathLike[str] | Sequence[str] | None = None,
+    preprocess: Preprocess | None = None,
+    name: str | None = None,
+    simplify: bool = False,
+    opset: int = 17,
+    overwrite: bool = False,
+    verify_batch: int = 2,
+    seed: int = 0,
+    threads: int | None = None,
+) -> ExportReport:
+    """Export an existing ONNX model; ``exits`` names its exit outputs in order (``keep``: 1-based subset).
+
+    ``opset`` is not used for conversion: the model keeps its own opset.
+    """
+    path = Path(onnx_path)
+    model = load_model(path)
+    _check_verify(verify_batch, opset)
+    exits = tuple(exits)
+    if not exits:
+        raise InputError("name the exit outputs of the ONNX model, in order")
+    outputs = [o.name for o in model.graph.output]
+    missing = [e for e in exits if e not in outputs]
+    if missing:
+        raise InputError(
+            f"{path.name}: exit(s) {missing} are not outputs of the model (its outputs: {', '.join(outputs)})"
+        )
+    in_name, _, in_shape = input_info(model)
+    source_model = restrict_outputs(model, exits)
+    original = ort_session(source_model, threads=threads)
+
+    def reference(x: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(exits, original.run(list(exits), {in_name: x}), strict=True))
+
+    work = restrict_outputs(model, exits)
+    make_batch_dynamic(work)
+    chw = tuple(int(d) for d in in_shape[1:])
+    pre = preprocess or Preprocess(size=(chw[-2], chw[-1]), channels=chw[0] if len(chw) == 3 else 1)
+    return _export_graph(
+        work, exits, out, name=name or path.stem, source="onnx", reference=reference, reference_kind="onnx",
+        preprocess=pre, keep=keep, labels=labels, simplify=simplify, overwrite=overwrite,
+        verify_batch=verify_batch, seed=seed, threads=threads, extra={"source_file": path.name},
+    )
+
+
+def load_module_factory(spec: str) -> Callable[[], torch.nn.Module]:
+    """Resolve ``"package.module:factory"`` (or ``"path/to/file.py:factory"``) to a zero-argument callable.
+
+    The factory must return an ``nn.Module`` (or ``(module, input_shape)``, the shape then
+    ignored: ``export_module`` takes it explicitly) whose forward returns exit logits in order.
+    """
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        raise InputError(f"module factory {spec!r} must look like 'package.module:factory' or 'file.py:factory'")
+    try:
+        if mod_name.endswith(".py"):
+            path = Path(mod_name)
+            if not path.is_file():
+                raise InputError(f"{path}: no such Python file")
+            mspec = importlib.util.spec_from_file_location(f"_edgeperceiver_factory_{path.stem}", path)
+            if mspec is None or mspec.loader is None:
+                raise InputError(f"{path}: cannot be imported")
+            mod = importlib.util.module_from_spec(mspec)
+            sys.modules[mspec.name] = mod
+            mspec.loader.exec_module(mod)
+        else:
+            mod = importlib.import_module(mod_name)
+    except EdgePerceiverError:
+        raise
+    except Exception as exc:  # importing user code can raise anything
+        raise InputError(f"cannot import {mod_name!r}: {type(exc).__name__}: {exc}") from exc
+    factory = getattr(mod, attr, None)
+    if factory is None or not callable(factory):
+        raise InputError(f"{mod_name!r} has no callable {attr!r}")
+
+    def make() -> torch.nn.Module:
+        got = factory()
+        if isinstance(got, tuple) and len(got) == 2:
+            got = got[0]
+        return got
+
+    return make
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def _export_graph(
+    model: onnx.ModelProto,
+    exit_names: Sequence[str],
+    out: str | os.PathLike[str],
+    *,
+    name: str,
+    source: str,
+    reference: Reference,
+    reference_kind: str,
+    preprocess: Preprocess,
+    keep: Sequence[int] | None,
+    labels: str | os.PathLike[str] | Sequence[str] | None,
+    simplify: bool,
+    overwrite: bool,
+    verify_batch: int,
+    seed: int,
+    threads: int | None,
+    extra: Mapping[str, Any],
+) -> ExportReport:
+    onnx = require("onnx", purpose="ONNX export")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists (pass overwrite / --force to replace it)")
+    kept_idx = _kept(keep, len(exit_names))
+    exits = tuple(exit_names[i] for i in kept_idx)
+    model = restrict_outputs(model, exits)
+    model, fold = fold_static_shapes(model, threads=threads, seed=seed)
+    simplified = None
+    if simplify:
+        model, simplified = _simplify(model, threads=threads)
+    in_name, in_dtype, in_shape = input_info(model)
+    plan, segments, specs = cut_model(model, exits, seed=seed, threads=threads)
+
+    # verification: reference vs monolithic ONNX vs chained segments
+    x = random_input((verify_batch, *[int(d) for d in in_shape[1:]]), seed=seed, dtype=in_dtype)
+    ref = {k: np.asarray(v) for k, v in reference(x).items()}
+    mono = dict(zip(exits, ort_session(model, threads=threads).run(list(exits), {in_name: x}), strict=True))
+    from .cut import run_chain
+
+    chain = run_chain(segments, {in_name: x}, threads=threads)
+    rows = []
+    num_classes = None
+    for e in exits:
+        r, m, c = ref[e], mono[e], chain[e]
+        if r.shape != m.shape or m.shape != c.shape:
+            raise ExportError(f"exit {e!r}: shapes differ (reference {r.shape}, onnx {m.shape}, segments {c.shape})")
+        if r.ndim != 2:
+            raise ExportError(f"exit {e!r} has shape {r.shape}; exits must be logits of shape [batch, classes]")
+        if num_classes is None:
+            num_classes = int(r.shape[1])
+        elif r.shape[1] != num_classes:
+            raise ExportError(f"exit {e!r} has {r.shape[1]} classes, the first exit {num_classes}")
+        tol = ATOL * max(1.0, float(np.max(np.abs(r))) if r.size else 1.0)
+        rows.append(VerifyRow(
+            exit=e,
+            reference_vs_onnx=_maxdiff(r, m),
+            onnx_vs_segments=_maxdiff(m, c),
+            reference_vs_segments=_maxdiff(r, c),
+            top1_agreement=float(np.mean(np.argmax(r, 1) == np.argmax(c, 1))) if r.size else 1.0,
+            tolerance=tol,
+        ))
+    stats = _segment_stats(model, plan, segments, specs, in_name, in_shape, threads=threads)
+    classes = _labels(labels, num_classes or 0)
+    report = ExportReport(
+        out=out, model_name=name, source=source, reference=reference_kind, exits=exits,
+        verify_batch=verify_batch, seed=seed, rows=tuple(rows), segments=stats, fold=fold,
+        simplified=simplified, extra={"kept_exits": [i + 1 for i in kept_idx], "all_exits": list(exit_names)},
+    )
+    if not report.ok:
+        raise ExportError("export verification failed (nothing written):\n" + report.render())
+
+    seg_specs = []
+    for s, st in zip(plan.segments, stats, strict=True):
+        seg_specs.append(SegmentSpec(
+            index=s.index, path=f"segments/seg{s.index}.onnx", exit=s.exit,
+            inputs=tuple(specs[n] for n in s.inputs), outputs=tuple(specs[n] for n in s.outputs),
+            live_after=s.live_after, params=st.params, flops=st.flops, carried_bytes=st.carried_bytes,
+        ))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    entry = TargetEntry(
+        target=TargetName.ONNXRUNTIME, precision=Precision.FP32, segments=tuple(s.path for s in seg_specs),
+        monolithic="model.onnx", metadata={"onnxruntime": require("onnxruntime").__version__},
+    )
+    manifest = Manifest(
+        model_name=name, source=source, opset=int(opset), input=specs[in_name],
+        num_classes=int(num_classes or 0), preprocess=preprocess, segments=tuple(seg_specs),
+        classes=classes, targets={entry.key: entry},
+        extra={
+            "export": {
+                **dict(extra), **dict(report.extra), "onnx": onnx.__version__,
+                "simplified": simplified, "verify_batch": verify_batch, "seed": seed,
+                "nodes": len(model.graph.node), "moved_dq": list(plan.moved_dq),
+                "flops_cumulative": list(report.cumulative_flops()),
+                "verification": [dataclasses.asdict(r) for r in rows],
+            }
+        },
+    )
+    _write(out, overwrite, model, segments, manifest)
+    return report
+
+
+def _write(out: Path, overwrite: bool, model: onnx.ModelProto, segments: Sequence[onnx.ModelProto],
+           manifest: Manifest) -> None:
+    for m, what in [(model, "model.onnx"), *[(s, f"segment {i}") for i, s in enumerate(segments, 1)]]:
+        if m.ByteSize() >= 2**31 - 1:
+            raise ExportError(f"{what} is larger than 2 GB; ONNX external data is not supported by export yet")
+    with write_bundle(out, overwrite=overwrite) as w:
+        w.path(manifest.model_path).write_bytes(model.SerializeToString())
+        for spec, seg in zip(manifest.segments, segments, strict=True):
+            w.path(spec.path).write_bytes(seg.SerializeToString())
+        if importlib.util.find_spec("edgeperceiver.runtime.standalone") is not None:
+            standalone = importlib.import_module("edgeperceiver.runtime.standalone")
+            standalone.install_standalone(w.dir)
+        w.manifest = manifest
+
+
+def _segment_stats(
+    model: onnx.ModelProto, plan: CutPlan, segments: Sequence[onnx.ModelProto], specs: Mapping[str, TensorSpec],
+    in_name: str, in_shape: Sequence[int | str], *, threads: int | None,
+) -> tuple[SegmentStat, ...]:
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    # concrete shapes at batch 1 for the nodes whose MACs are counted
+    nodes = [g.node[i] for s in plan.segments for i in s.nodes]
+    need = macs_tensors(nodes)
+    shapes: dict[str, tuple[int, ...]] = {n: tuple(int(d) for d in inits[n].dims) for n in need if n in inits}
+    todo = [n for n in need if n not in shapes]
+    if todo:
+        _, dtype, _ = input_info(model)
+        x = random_input((1, *[int(d) for d in in_shape[1:]]), dtype=dtype)
+        _, got = probe(model, {in_name: x}, shapes_of=todo, threads=threads)
+        shapes.update(got)
+    seen_inits: set[str] = set()
+    stats = []
+    for s in plan.segments:
+        params = 0
+        for name in s.initializers:
+            t = inits[name]
+            if name in seen_inits:
+                continue
+            seen_inits.add(name)
+            if np_dtype_name(t.data_type) in PARAM_DTYPES:
+                params += numel(tuple(t.dims))
+        flops = sum(node_macs(g.node[i], shapes) for i in s.nodes)
+        carried = tuple(specs[o] for o in s.outputs if any(o in later.inputs for later in plan.segments[s.index:]))
+        stats.append(SegmentStat(
+            index=s.index, exit=s.exit, nodes=len(s.nodes) + len(s.shared), params=params, flops=int(flops),
+            inputs=s.inputs, carried=carried, carried_bytes=sum(t.per_sample_bytes() for t in carried),
+        ))
+    return tuple(stats)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _torch_to_onnx(
+    module: torch.nn.Module, x: torch.Tensor, names: Sequence[str], opset: int, torch: Any
+) -> onnx.ModelProto:
+    onnx = require("onnx", purpose="ONNX export")
+    axes = {INPUT_NAME: {0: BATCH}, **{n: {0: BATCH} for n in names}}
+    with tempfile.TemporaryDirectory(prefix="edgeperceiver-export-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    module, (x,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
+                    output_names=list(names), dynamic_axes=axes, do_constant_folding=True,
+                )
+        except EdgePerceiverError:
+            raise
+        except Exception as exc:  # the exporter raises many unrelated types
+            raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
+        model = onnx.load(str(path))
+    make_batch_dynamic(model)
+    return model
+
+
+def _exit_tensors(outs: Any, torch: Any) -> list[Any]:
+    if isinstance(outs, torch.Tensor):
+        raise ExportError(
+            "the module returns a single tensor; a multi-exit model must return a tuple/list of exit "
+            "logits [batch, classes], in exit order"
+        )
+    if isinstance(outs, Mapping):
+        outs = list(outs.values())
+    if not isinstance(outs, (tuple, list)) or not outs:
+        raise ExportError(f"the module returns {type(outs).__name__}; expected a tuple/list of exit logits")
+    for k, t in enumerate(outs, 1):
+        if not isinstance(t, torch.Tensor) or t.ndim != 2:
+            what = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ExportError(f"exit {k} of the module is {what}; exits must be logits of shape [batch, classes]")
+    return list(outs)
+
+
+def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    if len(shape) != 3 or any(not isinstance(d, (int, np.integer)) or d <= 0 for d in shape):
+        raise InputError(f"input shape must be (C, H, W) positive integers, got {tuple(shape)}")
+    return int(shape[0]), int(shape[1]), int(shape[2])
+
+
+def _check_verify(verify_batch: int, opset: int) -> None:
+    if verify_batch < 1:
+        raise InputError(f"verify_batch must be >= 1, got {verify_batch}")
+    if opset < 13:
+        raise InputError(f"opset {opset} is too old: use 17 or newer (LayerNormalization needs 17)")
+
+
+def _kept(keep: Sequence[int] | None, n: int) -> list[int]:
+    if keep is None:
+        return list(range(n))
+    idx = [int(k) for k in keep]
+    if not idx:
+        raise InputError("exits: keep at least one exit")
+    bad = [k for k in idx if not 1 <= k <= n]
+    if bad:
+        raise InputError(f"exits {bad} out of range: the model has exits 1..{n}")
+    if any(b <= a for a, b in itertools.pairwise(idx)):
+        raise InputError(f"exits must be strictly increasing, got {idx}")
+    return [k - 1 for k in idx]
+
+
+def _labels(labels: str | os.PathLike[str] | Sequence[str] | None, num_classes: int) -> tuple[str, ...] | None:
+    if labels is None:
+        return None
+    if isinstance(labels, (str, os.PathLike)):
+        p = Path(labels)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"labels file {p}: {exc}") from exc
+        names = [line.strip() for line in text.splitlines()]
+        while names and not names[-1]:
+            names.pop()
+    else:
+        names = [str(x) for x in labels]
+    if len(names) != num_classes:
+        raise InputError(f"labels: {len(names)} class names for a model with {num_classes} classes")
+    return tuple(names)
+
+
+def _maxdiff(a: np.ndarray, b: np.ndarray) -> float:
+    if a.size == 0:
+        return 0.0
+    d = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    return float(np.max(np.where(np.isnan(d), np.inf, d)))
+
+
+def _simplify(model: onnx.ModelProto, *, threads: int | None) -> tuple[onnx.ModelProto, str]:
+    """onnxslim when installed, else ONNX Runtime's provider-independent (basic) offline rewrites."""
+    onnx = require("onnx", purpose="ONNX export")
+    if importlib.util.find_spec("onnxslim") is not None:
+        onnxslim = importlib.import_module("onnxslim")
+        try:
+            slim = onnxslim.slim(model)
+        except Exception as exc:  # a third-party simplifier
+            raise ExportError(f"onnxslim failed: {type(exc).__name__}: {exc}") from exc
+        return slim, f"onnxslim {getattr(onnxslim, '__version__', '')}".strip()
+    ort = require("onnxruntime", purpose="simplifying ONNX models")
+    with tempfile.TemporaryDirectory(prefix="edgeperceiver-simplify-") as tmp:
+        path = Path(tmp) / "basic.onnx"
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts.optimized_model_filepath = str(path)
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's own exception classes
+            raise ExportError(f"ONNX Runtime could not simplify the model: {exc}") from exc
+        slim = onnx.load(str(path))
+    make_batch_dynamic(slim)
+    eliminate_dead(slim)
+    return slim, f"onnxruntime {ort.__version__} basic graph rewrites"
