@@ -1,0 +1,126 @@
+"""What the user asks calibration for: one frozen dataclass per goal, and the per-exit cost."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from edgeperceiver.bundle import Manifest, TargetEntry
+from edgeperceiver.errors import CalibrationError, InputError
+
+from .risk import Bound, RiskLoss
+
+
+@dataclass(frozen=True)
+class MaxDrop:
+    """The lowest expected latency whose accuracy stays within ``points`` of the final exit's."""
+
+    points: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.points) and self.points >= 0):
+            raise InputError(f"max_drop must be a finite number of accuracy points >= 0, got {self.points}")
+
+    def describe(self) -> str:
+        return f"max_drop={self.points:g}"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The best accuracy whose expected cost per sample fits ``ms`` (latency) or ``gflops``."""
+
+    ms: float | None = None
+    gflops: float | None = None
+
+    def __post_init__(self) -> None:
+        given = [v for v in (self.ms, self.gflops) if v is not None]
+        if len(given) != 1:
+            raise InputError("a budget needs exactly one of ms= or gflops=")
+        if not (math.isfinite(given[0]) and given[0] > 0):
+            raise InputError(f"a budget must be a positive number, got {given[0]}")
+
+    @property
+    def limit(self) -> float:
+        return float(self.ms if self.ms is not None else self.gflops)  # type: ignore[arg-type]
+
+    def describe(self) -> str:
+        return f"budget_ms={self.ms:g}" if self.ms is not None else f"budget_gflops={self.gflops:g}"
+
+
+@dataclass(frozen=True)
+class Risk:
+    """Risk against the final exit <= ``eps`` with probability >= 1 - ``delta`` (Learn then Test)."""
+
+    eps: float
+    delta: float = 0.1
+    loss: RiskLoss = RiskLoss.DISAGREEMENT
+    bound: Bound = Bound.BINOMIAL
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.eps < 1.0:
+            raise InputError(f"risk must be a share in (0, 1), got {self.eps}")
+        if not 0.0 < self.delta < 1.0:
+            raise InputError(f"delta must be a probability in (0, 1), got {self.delta}")
+        object.__setattr__(self, "loss", RiskLoss(self.loss))
+        object.__setattr__(self, "bound", Bound(self.bound))
+
+    def describe(self) -> str:
+        return f"risk={self.eps:g},delta={self.delta:g},{self.loss.value}"
+
+
+@dataclass(frozen=True)
+class PaperMix:
+    """The paper's protocol: thresholds that send these shares of samples to each exit."""
+
+    proportions: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        props = tuple(float(p) for p in self.proportions)
+        if not props or any(not (0.0 <= p <= 1.0) for p in props) or sum(props) > 1.0 + 1e-4:
+            raise InputError(f"exit proportions must be shares in [0, 1] summing to at most 1, got {props}")
+        object.__setattr__(self, "proportions", props)
+
+    def describe(self) -> str:
+        return "paper_mix=" + ",".join(f"{p:.4g}" for p in self.proportions)
+
+
+Goal = MaxDrop | Budget | Risk | PaperMix
+
+
+@dataclass(frozen=True)
+class ExitCosts:
+    """Cumulative cost to reach each exit, in ``unit`` (``ms``, ``GFLOPs`` or ``segments``)."""
+
+    values: tuple[float, ...]
+    unit: str
+    source: str
+
+
+def exit_costs(manifest: Manifest, entry: TargetEntry, *, unit: str | None = None) -> ExitCosts:
+    """Measured latency (``entry.latency_ms`` from bench) when present, else cumulative FLOPs.
+
+    ``unit="ms"`` or ``"GFLOPs"`` insists on one (a latency budget needs measured latency);
+    without either, the number of segments run is the cost.
+    """
+    k = len(manifest.segments)
+    have_ms = len(entry.latency_ms) == k and all(math.isfinite(v) and v > 0 for v in entry.latency_ms)
+    macs = [s.flops for s in manifest.segments]
+    have_flops = all(m > 0 for m in macs)
+    if unit == "ms" or (unit is None and have_ms):
+        if not have_ms:
+            raise CalibrationError(
+                f"target {entry.key} has no measured latency per exit: run 'edgeperceiver bench BUNDLE "
+                f"--target {entry.key}' first, or give the budget in GFLOPs"
+            )
+        return ExitCosts(tuple(float(v) for v in entry.latency_ms), "ms", f"latency measured on {entry.key} (batch 1)")
+    if unit == "GFLOPs" or (unit is None and have_flops):
+        if not have_flops:
+            raise CalibrationError("the bundle records no FLOPs per segment; a GFLOPs budget cannot be checked")
+        cum, total = [], 0
+        for m in macs:
+            total += m
+            cum.append(total / 1e9)
+        return ExitCosts(tuple(cum), "GFLOPs", "FLOPs (multiply-accumulates) from the export")
+    if unit is not None:
+        raise InputError(f"unknown cost unit {unit!r} (use 'ms' or 'GFLOPs')")
+    return ExitCosts(tuple(float(i + 1) for i in range(k)), "segments", "segments run (no latency or FLOPs recorded)")
