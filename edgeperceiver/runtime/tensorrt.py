@@ -364,6 +364,11 @@ def gather_copy_plan(rows: np.ndarray, batch: int, row_bytes: int) -> list[tuple
     ]
 
 
+def dims_tuple(dims: Any) -> tuple[int, ...]:
+    """A TensorRT ``Dims`` (or any sequence) as a tuple of ints (``-1`` = dynamic)."""
+    return tuple(int(dims[i]) for i in range(len(dims)))
+
+
 def numpy_dtype(trt_dtype: Any) -> np.dtype[Any]:
     """numpy dtype of a TensorRT ``DataType`` (by its name, so it works on TensorRT 10 and 11)."""
     name = getattr(trt_dtype, "name", str(trt_dtype)).split(".")[-1]
@@ -536,7 +541,7 @@ class TensorRTSession:
 
     @staticmethod
     def _binding(engine: trt.ICudaEngine, name: str) -> _Binding:
-        dims = tuple(int(d) for d in engine.get_tensor_shape(name))
+        dims = dims_tuple(engine.get_tensor_shape(name))
         if not dims or any(d < 0 for d in dims[1:]):
             raise TargetError(f"engine tensor {name!r} has shape {dims}: only the batch axis may be dynamic")
         return _Binding(name, numpy_dtype(engine.get_tensor_dtype(name)), dims[1:])
@@ -569,7 +574,7 @@ class TensorRTSession:
                               + "; ".join(self.backend.log.errors()[-3:]))
         out: dict[str, Any] = {}
         for b in self.outputs:
-            shape = tuple(int(d) for d in ctx.get_tensor_shape(b.name))
+            shape = dims_tuple(ctx.get_tensor_shape(b.name))
             buf = self._out_buf[b.name]
             out[b.name] = DeviceArray(int(buf), shape, b.dtype, buf)
         return out
