@@ -299,6 +299,7 @@ def run_chain(
     feeds: Mapping[str, np.ndarray],
     *,
     threads: int | None = None,
+    optimize: bool = True,
 ) -> dict[str, np.ndarray]:
     """Run segments (ModelProtos, paths or ORT sessions) back to back; return every tensor made.
 
@@ -306,7 +307,7 @@ def run_chain(
     """
     live: dict[str, np.ndarray] = dict(feeds)
     for k, seg in enumerate(segments, start=1):
-        sess = seg if hasattr(seg, "get_inputs") else ort_session(seg, threads=threads)
+        sess = seg if hasattr(seg, "get_inputs") else ort_session(seg, threads=threads, optimize=optimize)
         names = [i.name for i in sess.get_inputs()]
         missing = [n for n in names if n not in live]
         if missing:

@@ -124,10 +124,18 @@ def elem_type(dtype: str) -> int:
 # --------------------------------------------------------------------------- running with ONNX Runtime
 
 
-def ort_session(model: onnx.ModelProto | bytes | str | Path, *, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session (``threads`` intra-op threads; None = ORT's default)."""
+def ort_session(
+    model: onnx.ModelProto | bytes | str | Path, *, threads: int | None = None, optimize: bool = True
+) -> Any:
+    """An ONNX Runtime CPU session (``threads`` intra-op threads; None = ORT's default).
+
+    ``optimize=False`` disables ORT's graph rewrites (e.g. its QDQ fusions, which change
+    the numerics of a quantized graph depending on where it was cut).
+    """
     ort = _ort()
     opts = ort.SessionOptions()
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
