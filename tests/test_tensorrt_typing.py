@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ("edgeperceiver/runtime/tensorrt.py",)
+MODULES = ("targets/tensorrt.py", "edgeperceiver/runtime/tensorrt.py")
 
 pytestmark = pytest.mark.slow
 
