@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 
 from edgeperceiver.bundle import Manifest, TargetEntry
 from edgeperceiver.errors import CalibrationError, InputError
@@ -13,16 +14,30 @@ from .risk import Bound, RiskLoss
 
 @dataclass(frozen=True)
 class MaxDrop:
-    """The lowest expected latency whose accuracy stays within ``points`` of the final exit's."""
+    """The lowest expected latency whose accuracy stays within ``points`` of the final exit's.
+
+    ``confidence`` guards against fitting to the noise of the fitting part: the drop's
+    one-sided normal upper confidence bound at that level (paired per-sample differences
+    against the final exit) must stay within ``points``; 0.5 uses the plain estimate.
+    """
 
     points: float = 0.5
+    confidence: float = 0.9
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.points) and self.points >= 0):
             raise InputError(f"max_drop must be a finite number of accuracy points >= 0, got {self.points}")
+        if not 0.5 <= self.confidence < 1.0:
+            raise InputError(f"max_drop confidence must be in [0.5, 1), got {self.confidence}")
+
+    @property
+    def z(self) -> float:
+        """The normal quantile of ``confidence`` (0 at 0.5)."""
+        return NormalDist().inv_cdf(self.confidence)
 
     def describe(self) -> str:
-        return f"max_drop={self.points:g}"
+        extra = f"@{self.confidence:g}" if self.confidence != 0.9 else ""
+        return f"max_drop={self.points:g}{extra}"
 
 
 @dataclass(frozen=True)

@@ -122,7 +122,7 @@ def exit_accuracies(preds: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- the search engine
 
-#: key(correct_count, cost_sum) -> lexicographic tuple of arrays; smaller is better
+#: key(metric_sums (M, C), cost_sums (C,)) -> lexicographic tuple of (C,) arrays; smaller is better
 Key = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, ...]]
 
 
@@ -175,18 +175,20 @@ def _coordinate_step(
         fire = undecided & (scores[j] >= t[j])
         after_exit[fire] = j
         undecided &= ~fire
-    base_value = value[before_exit[before], rows[before]].sum() + value[after_exit[~before], rows[~before]].sum()
+    base_value = value[:, before_exit[before], rows[before]].sum(axis=1)
+    base_value = base_value + value[:, after_exit[~before], rows[~before]].sum(axis=1)
     base_cost = costs[before_exit[before]].sum() + costs[after_exit[~before]].sum()
     rest = np.flatnonzero(~before)
     s = scores[k, rest]
     order = np.argsort(-s, kind="stable")
     s_sorted = s[order]
     r_sorted = rest[order]
-    gain_value = value[k, r_sorted] - value[after_exit[r_sorted], r_sorted]
+    gain_value = value[:, k, r_sorted] - value[:, after_exit[r_sorted], r_sorted]
     gain_cost = costs[k] - costs[after_exit[r_sorted]]
     # a cut after position j (0-based) lets the j+1 highest scores leave; only cut between distinct scores
     ends = np.flatnonzero(np.r_[s_sorted[1:] < s_sorted[:-1], True]) if len(s_sorted) else np.zeros(0, np.int64)
-    cand_value = np.r_[0.0, np.cumsum(gain_value)[ends]] + base_value
+    zero = np.zeros((value.shape[0], 1))
+    cand_value = np.concatenate([zero, np.cumsum(gain_value, axis=1)[:, ends]], axis=1) + base_value[:, None]
     cand_cost = np.r_[0.0, np.cumsum(gain_cost)[ends]] + base_cost
     next_lower = np.r_[s_sorted[ends[:-1] + 1], -np.inf] if len(ends) else np.zeros(0)
     cut_at = s_sorted[ends] if len(ends) else np.zeros(0)
@@ -211,8 +213,8 @@ def search(
 ) -> np.ndarray:
     """Coordinate descent over per-exit thresholds from several starts; the best end point.
 
-    ``value`` is (K, N) per-sample credit of leaving at each exit (1 = correct); ``key``
-    ranks candidate (value sum, cost sum) pairs, smaller first. Returns internal thresholds
+    ``value`` is (M, K, N): M per-sample metrics of leaving at each exit (e.g. 1 = correct);
+    ``key`` ranks candidates by their (M,) metric sums and cost sum, smaller first. Returns internal thresholds
     (K,) (+inf = never fires; entries of exits not allowed are ignored).
     """
     cost_arr = np.asarray(costs, dtype=np.float64)
@@ -228,7 +230,7 @@ def search(
             if np.array_equal(before, t):
                 break
         taken = _decisions(scores, allowed, t)
-        v = np.array([value[taken, rows].sum()])
+        v = value[:, taken, rows].sum(axis=1)[:, None]
         c = np.array([cost_arr[taken].sum()])
         k = tuple(float(a[0]) for a in key(v, c))
         if best_key is None or k < best_key:
@@ -279,24 +281,35 @@ def max_drop(
     costs: Sequence[float],
     points: float,
     allowed: Sequence[int] | None = None,
+    z: float = 0.0,
 ) -> ThresholdValues:
     """Lowest expected cost whose accuracy is >= the last allowed exit's minus ``points`` (percent).
 
-    Returns thresholds over all K exits (``None`` = not allowed, ``inf`` = never fires).
+    With ``z > 0`` the accuracy drop must hold with a margin: ``mean(d) + z * sd(d) / sqrt(n)
+    <= points / 100``, where ``d_i`` = (final exit right) - (exit taken right) is the paired
+    per-sample drop, i.e. a one-sided normal upper confidence bound on the drop (``z`` = 1.28
+    for 90 %). Returns thresholds over all K exits (``None`` = not allowed, ``inf`` = never fires).
     """
     scores, preds = np.asarray(scores, dtype=np.float64), np.asarray(preds)
     allowed = list(range(scores.shape[0])) if allowed is None else sorted(allowed)
     _check_inputs(scores, preds, costs, allowed)
     if not (points >= 0 and math.isfinite(points)):
         raise InputError(f"max_drop must be a finite number of points >= 0, got {points}")
+    if not (z >= 0 and math.isfinite(z)):
+        raise InputError(f"z must be a finite number >= 0, got {z}")
     correct = (preds == np.asarray(labels)[None, :]).astype(np.float64)
+    changed = (correct != correct[allowed[-1]][None, :]).astype(np.float64)
     n = scores.shape[1]
-    floor = correct[allowed[-1]].sum() - points / 100.0 * n - 1e-9
+    final = correct[allowed[-1]].sum()
+    bound = points / 100.0
 
     def key(v: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, ...]:
-        return (np.maximum(0.0, floor - v), np.round(c, 9), -v)
+        mean = (final - v[0]) / n  # paired drop d_i in {-1, 0, 1}; d_i**2 = changed_i
+        var = np.maximum(v[1] / n - mean**2, 0.0)
+        upper = mean + z * np.sqrt(var / n)
+        return (np.maximum(0.0, np.round(upper - bound, 12)), np.round(c, 9), -v[0])
 
-    t = search(scores, correct, costs, allowed, key, starting_points(scores, allowed))
+    t = search(scores, np.stack([correct, changed]), costs, allowed, key, starting_points(scores, allowed))
     return finalize(_inf_last(t, allowed), allowed, scores.shape[0])
 
 
@@ -325,9 +338,9 @@ def budget(
     total = limit * scores.shape[1] + 1e-9
 
     def key(v: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, ...]:
-        return (np.maximum(0.0, c - total), -v, np.round(c, 9))
+        return (np.maximum(0.0, c - total), -v[0], np.round(c, 9))
 
-    t = search(scores, correct, costs, allowed, key, starting_points(scores, allowed))
+    t = search(scores, correct[None], costs, allowed, key, starting_points(scores, allowed))
     return finalize(_inf_last(t, allowed), allowed, scores.shape[0])
 
 

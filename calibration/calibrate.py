@@ -1,0 +1,422 @@
+"""``calibrate``: thresholds for a goal, measured on the deployed target, written into the bundle.
+
+Flow: open the bundle, read the held-out data with the bundle's preprocessing, record all
+exits once on the target entry (its precision; cached), split the samples into a fitting
+and a checking part (seeded, stratified), choose thresholds on the fitting part for the
+goal, report every figure on the checking part, and write ``Thresholds`` plus a summary
+into the target entry and ``reports/<target-key>/report.csv`` + ``pareto.png`` into the
+bundle, atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeperceiver.bundle import Bundle, Thresholds, edit_bundle
+from edgeperceiver.errors import CalibrationError, InputError
+from edgeperceiver.types import Criterion
+
+from .collect import ExitRecord, collect
+from .data import Dataset, load_dataset, split_fit_check
+from .goals import Budget, ExitCosts, Goal, MaxDrop, PaperMix, Risk, exit_costs
+from .paper import mix_thresholds
+from .policies import OperatingPoint, budget, evaluate, max_drop, single_exit
+from .report import CurvePoint, build_curve, csv_bytes, pareto_png, render_table, threshold_text
+from .risk import RiskFit, RiskLoss, losses, risk_control
+
+#: ``progress(stage, done, total)``; stages: "read", "run"
+StageProgress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """Chosen thresholds and every figure behind them (shares/accuracies in [0, 1]).
+
+    ``fit``/``check`` are the chosen thresholds on the fitting/checking parts,
+    ``final_fit``/``final_check`` the baseline of always running to the last enabled exit.
+    ``met`` says whether the goal holds on the checking part (``None``: nothing to check).
+    """
+
+    target: str
+    goal: Goal
+    criterion: Criterion
+    thresholds: Thresholds
+    costs: ExitCosts
+    exits: tuple[int, ...]  #: 1-based exits allowed to fire
+    fit: OperatingPoint
+    check: OperatingPoint
+    final_fit: OperatingPoint
+    final_check: OperatingPoint
+    met: bool | None
+    curve: tuple[CurvePoint, ...] = ()
+    risk: RiskFit | None = None
+    check_risk: float | None = None
+    skipped: int = 0
+    notes: tuple[str, ...] = ()
+    report_files: tuple[str, ...] = ()
+
+    @property
+    def speedup(self) -> float:
+        """Mean cost of always running to the final exit / mean cost of the chosen thresholds."""
+        return self.final_check.cost / self.check.cost if self.check.cost > 0 else math.inf
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON-able summary stored in ``TargetEntry.calibration``."""
+
+        def point(p: OperatingPoint) -> dict[str, Any]:
+            return {
+                "n": p.n, "accuracy": p.accuracy, "agreement": p.agreement, "cost": p.cost,
+                "share": list(p.share), "exit_accuracy": list(p.exit_accuracy),
+            }
+
+        out: dict[str, Any] = {
+            "goal": self.goal.describe(),
+            "criterion": self.criterion.value,
+            "exits": list(self.exits),
+            "cost_unit": self.costs.unit,
+            "cost_source": self.costs.source,
+            "exit_costs": list(self.costs.values),
+            "fit": point(self.fit),
+            "check": point(self.check),
+            "final_check": point(self.final_check),
+            "met_on_check": self.met,
+            "speedup_vs_final": self.speedup,
+            "skipped_unreadable": self.skipped,
+            "report_files": list(self.report_files),
+            "notes": list(self.notes),
+        }
+        if self.risk is not None:
+            out["risk"] = {
+                "tau": self.risk.tau, "empirical_risk_fit": self.risk.empirical_risk,
+                "p_value": self.risk.p_value, "certified_levels": self.risk.certified,
+                "min_samples": self.risk.min_samples, "risk_check": self.check_risk,
+            }
+        return out
+
+    def render(self) -> str:
+        """A terminal report: per-exit table, goal figures on fit and check parts, files."""
+        unit = self.costs.unit
+        lines = [
+            f"calibrated {self.target} for {self.goal.describe()} on criterion {self.criterion.value}: "
+            f"{self.fit.n} fitting / {self.check.n} checking samples"
+            + (f" ({self.skipped} unreadable images skipped)" if self.skipped else ""),
+            "",
+        ]
+        rows = []
+        for k in range(len(self.costs.values)):
+            exit_acc = self.check.exit_accuracy[k]
+            rows.append([
+                str(k + 1), threshold_text(self.thresholds.values[k]), f"{100 * self.check.share[k]:.1f}%",
+                "-" if exit_acc is None else f"{100 * exit_acc:.1f}%", f"{self.costs.values[k]:.4g}",
+            ])
+        lines.append(render_table(["exit", "threshold", "share", "accuracy", f"cost to exit ({unit})"], rows))
+        lines.append("")
+
+        def acc(p: OperatingPoint) -> str:
+            return "-" if p.accuracy is None else f"{100 * p.accuracy:.2f}%"
+
+        def drop(p: OperatingPoint, base: OperatingPoint) -> str:
+            if p.accuracy is None or base.accuracy is None:
+                return "-"
+            return f"{100 * (p.accuracy - base.accuracy):+.2f} pts"
+
+        table = [
+            ["accuracy", acc(self.fit), acc(self.check), acc(self.final_check)],
+            ["vs final exit", drop(self.fit, self.final_fit), drop(self.check, self.final_check), ""],
+            ["agrees with final exit", f"{100 * self.fit.agreement:.2f}%", f"{100 * self.check.agreement:.2f}%", ""],
+            [f"mean cost ({unit})", f"{self.fit.cost:.4g}", f"{self.check.cost:.4g}", f"{self.final_check.cost:.4g}"],
+        ]
+        lines.append(render_table(["", "fit", "check", "final exit (check)"], table))
+        verdict = {True: "met", False: "NOT met", None: "n/a"}[self.met]
+        lines += ["", f"goal on the checking part: {verdict}; {self.speedup:.2f}x less mean cost than the final exit"
+                  f" (costs: {self.costs.source})"]
+        if self.risk is not None:
+            lines.append(
+                f"risk control: certified tau={self.risk.tau}, fit risk {self.risk.empirical_risk:.4f}, "
+                f"p={self.risk.p_value:.3g}; check risk "
+                + ("-" if self.check_risk is None else f"{self.check_risk:.4f}")
+            )
+        lines += [f"note: {n}" for n in self.notes]
+        if self.report_files:
+            lines.append("report: " + ", ".join(self.report_files))
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ManualThresholds:
+    """Thresholds set by hand (``set_thresholds``)."""
+
+    target: str
+    thresholds: Thresholds
+    never_fires: tuple[int, ...] = field(default=())  #: 1-based exits whose value no score reaches
+    last_exit: int = 0
+
+    def render(self) -> str:
+        rows = []
+        for k, v in enumerate(self.thresholds.values, start=1):
+            if v is None:
+                what = "off"
+            elif k == self.last_exit:
+                what = "takes every remaining sample"
+            elif k in self.never_fires:
+                what = "never fires"
+            else:
+                what = f"leaves when {self.thresholds.criterion.value} >= {v:g}"
+            rows.append([str(k), threshold_text(v), what])
+        return f"thresholds of {self.target} set by hand:\n" + render_table(["exit", "threshold", "meaning"], rows)
+
+
+# --------------------------------------------------------------------------- pure part
+
+
+def _allowed(exits: Sequence[int] | None, k_count: int) -> list[int]:
+    if exits is None:
+        return list(range(k_count))
+    allowed = sorted(set(exits))
+    if not allowed:
+        raise InputError("exits: name at least one exit")
+    bad = [e for e in allowed if not 1 <= e <= k_count]
+    if bad:
+        raise InputError(f"exits {bad} do not exist: the model has exits 1..{k_count}")
+    return [e - 1 for e in allowed]
+
+
+def _public(values: Sequence[float | None]) -> tuple[float | None, ...]:
+    """Never-firing (+inf) exits are written as off (None): a later exit still runs their segments."""
+    return tuple(None if v is None or (math.isinf(v) and v > 0) else float(v) for v in values)
+
+
+def choose(
+    record: ExitRecord,
+    goal: Goal,
+    costs: ExitCosts,
+    *,
+    criterion: Criterion | str = Criterion.MAX_SOFTMAX,
+    exits: Sequence[int] | None = None,
+    fit_fraction: float = 0.5,
+    seed: int = 0,
+    curve: bool = True,
+) -> CalibrationResult:
+    """Choose thresholds for ``goal`` on recorded exit outputs (no bundle needed)."""
+    crit = Criterion(criterion)
+    k_count, n = record.num_exits, len(record)
+    allowed = _allowed(exits, k_count)
+    labels = record.labels
+    needs_labels = not (isinstance(goal, Risk) and goal.loss is RiskLoss.DISAGREEMENT)
+    if needs_labels and labels is None:
+        raise CalibrationError(
+            f"goal {goal.describe()} measures accuracy and needs labelled held-out data "
+            "(an ImageFolder directory or a .npz with y); unlabeled data works for --risk (disagreement)"
+        )
+    if len(costs.values) != k_count:
+        raise CalibrationError(f"{len(costs.values)} exit costs for {k_count} exits")
+    fit_idx, check_idx = split_fit_check(labels, n, fit_fraction, seed)
+    fit, check = record.subset(fit_idx), record.subset(check_idx)
+    fs, cs = fit.scores[crit], check.scores[crit]
+    notes: list[str] = []
+    risk_fit: RiskFit | None = None
+    check_risk: float | None = None
+    if isinstance(goal, MaxDrop):
+        assert fit.labels is not None
+        values = max_drop(fs, fit.preds, fit.labels, costs.values, goal.points, allowed, z=goal.z)
+    elif isinstance(goal, Budget):
+        assert fit.labels is not None
+        if (goal.ms is not None) != (costs.unit == "ms"):
+            raise CalibrationError(f"budget {goal.describe()} but exit costs are in {costs.unit} ({costs.source})")
+        values = budget(fs, fit.preds, fit.labels, costs.values, goal.limit, allowed)
+    elif isinstance(goal, Risk):
+        risk_fit = risk_control(
+            fs, fit.preds, fit.labels, eps=goal.eps, delta=goal.delta, criterion=crit,
+            num_classes=record.num_classes, allowed=allowed, loss=goal.loss, bound=goal.bound,
+        )
+        values = risk_fit.thresholds
+        if risk_fit.certified == 0:
+            notes.append(
+                f"{fit.preds.shape[1]} fitting samples certify nothing at risk {goal.eps:g}, delta {goal.delta:g} "
+                f"(need at least {risk_fit.min_samples}): no sample leaves early"
+            )
+        shared = next((v for k, v in enumerate(values) if k in allowed[:-1] and v is not None), math.inf)
+        check_risk = float(losses(cs, check.preds, check.labels, allowed, [shared], goal.loss).mean())
+    else:
+        assert isinstance(goal, PaperMix)
+        props = goal.proportions
+        if len(props) == k_count and len(allowed) < k_count:
+            off = [k + 1 for k in range(k_count) if k not in allowed and props[k] > 0]
+            if off:
+                raise InputError(f"paper mix sends samples to exits {off}, which are off")
+            props = tuple(props[k] for k in allowed)
+        if len(props) != len(allowed):
+            raise InputError(f"paper mix has {len(goal.proportions)} proportions for {len(allowed)} enabled exits")
+        sub = mix_thresholds(fs[allowed], props)
+        v: list[float | None] = [None] * k_count
+        for pos, k in enumerate(allowed):
+            v[k] = sub[pos] if pos < len(allowed) - 1 else 0.0
+        values = tuple(v)
+    final_values = single_exit(allowed[-1], k_count)
+    fit_point = evaluate(fs, fit.preds, fit.labels, values, costs.values)
+    check_point = evaluate(cs, check.preds, check.labels, values, costs.values)
+    final_fit = evaluate(fs, fit.preds, fit.labels, final_values, costs.values)
+    final_check = evaluate(cs, check.preds, check.labels, final_values, costs.values)
+    met: bool | None = None
+    if isinstance(goal, MaxDrop):
+        assert check_point.accuracy is not None and final_check.accuracy is not None
+        met = check_point.accuracy >= final_check.accuracy - goal.points / 100.0 - 1e-12
+    elif isinstance(goal, Budget):
+        met = check_point.cost <= goal.limit + 1e-12
+    elif isinstance(goal, Risk) and check_risk is not None:
+        met = check_risk <= goal.eps
+    if costs.unit == "segments":
+        notes.append("no latency or FLOPs in the bundle: cost counts segments run (run 'edgeperceiver bench')")
+    points: tuple[CurvePoint, ...] = ()
+    if curve:
+        points = build_curve(fs, fit.preds, fit.labels, cs, check.preds, check.labels, costs, allowed)
+    return CalibrationResult(
+        target=record.target, goal=goal, criterion=crit,
+        thresholds=Thresholds(crit, _public(values), goal.describe()), costs=costs,
+        exits=tuple(k + 1 for k in allowed), fit=fit_point, check=check_point, final_fit=final_fit,
+        final_check=final_check, met=met, curve=points, risk=risk_fit, check_risk=check_risk, notes=tuple(notes),
+    )
+
+
+# --------------------------------------------------------------------------- bundle-level API
+
+
+def calibrate(
+    bundle: str | os.PathLike[str] | Bundle,
+    data: str | os.PathLike[str] | Dataset,
+    *,
+    target: str | None = None,
+    goal: Goal | None = None,
+    criterion: Criterion | str = Criterion.MAX_SOFTMAX,
+    exits: Sequence[int] | None = None,
+    fit_fraction: float = 0.5,
+    seed: int = 0,
+    progress: StageProgress | None = None,
+    limit: int | None = None,
+    batch_size: int = 32,
+    cache: bool = True,
+    write: bool = True,
+) -> CalibrationResult:
+    """Calibrate ``target``'s thresholds for ``goal`` (default ``MaxDrop(0.5)``) on held-out ``data``.
+
+    ``data`` is an ImageFolder/image directory, a ``.npz`` (x, y) or a :class:`Dataset`;
+    ``exits`` (1-based) limits which exits may fire. With ``write`` the thresholds, a summary
+    and the report files go into the bundle (atomically).
+    """
+    goal = MaxDrop(0.5) if goal is None else goal
+    b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+    manifest = b.manifest
+    entry = manifest.target(target)
+    if isinstance(data, Dataset):
+        dataset = data
+    else:
+        read = None if progress is None else (lambda d, t: progress("read", d, t))
+        dataset = load_dataset(data, manifest.preprocess, limit=limit, seed=seed, progress=read)
+    if dataset.y is not None and dataset.y.size and int(dataset.y.max()) >= manifest.num_classes:
+        raise CalibrationError(
+            f"held-out labels go up to {int(dataset.y.max())} but the model has {manifest.num_classes} classes"
+        )
+    if manifest.classes and dataset.classes and tuple(dataset.classes) != tuple(manifest.classes):
+        raise CalibrationError(
+            f"held-out classes {list(dataset.classes)[:5]}... do not match the bundle's classes "
+            f"{list(manifest.classes)[:5]}... (label i must mean the model's class i)"
+        )
+    run = None if progress is None else (lambda d, t: progress("run", d, t))
+    record = collect(b, dataset, target=entry.key, batch_size=batch_size, cache=cache, progress=run)
+    unit = None
+    if isinstance(goal, Budget):
+        unit = "ms" if goal.ms is not None else "GFLOPs"
+    costs = exit_costs(manifest, entry, unit=unit)
+    result = choose(record, goal, costs, criterion=criterion, exits=exits, fit_fraction=fit_fraction, seed=seed)
+    notes = result.notes
+    if dataset.skipped:
+        notes = (*notes, f"{len(dataset.skipped)} unreadable images skipped, e.g. {dataset.skipped[0]}")
+    result = _replace(result, skipped=len(dataset.skipped), notes=notes)
+    if not write:
+        return result
+    return _write(b.root, entry.key, result)
+
+
+def _replace(result: CalibrationResult, **changes: Any) -> CalibrationResult:
+    import dataclasses
+
+    return dataclasses.replace(result, **changes)
+
+
+def _write(root: Path, key: str, result: CalibrationResult) -> CalibrationResult:
+    import dataclasses
+
+    folder = f"reports/{key}"
+    files = (f"{folder}/report.csv", f"{folder}/pareto.png")
+    result = _replace(result, report_files=files)
+    title = f"{key}: {result.goal.describe()} ({result.criterion.value})"
+    csv_data = csv_bytes(result.curve, result.fit, result.check, result.goal.describe(), result.costs)
+    png = pareto_png(result.curve, result.check, result.costs, title)
+    with edit_bundle(root) as writer:
+        assert writer.manifest is not None
+        writer.replace_file(files[0], csv_data)
+        writer.replace_file(files[1], png)
+        entry = writer.manifest.target(key)
+        new = dataclasses.replace(entry, thresholds=result.thresholds, calibration=result.summary())
+        writer.manifest = writer.manifest.with_target(new)
+    return result
+
+
+def parse_values(text: str) -> tuple[float | None, ...]:
+    """``"0.9,off,1.1,0"`` -> thresholds; ``off``/``none``/``-`` turn an exit off."""
+    out: list[float | None] = []
+    for raw in text.split(","):
+        token = raw.strip().lower()
+        if token in ("off", "none", "-"):
+            out.append(None)
+            continue
+        try:
+            out.append(float(token))
+        except ValueError:
+            raise InputError(f"threshold {raw!r} is neither a number nor 'off'") from None
+    return tuple(out)
+
+
+def set_thresholds(
+    bundle: str | os.PathLike[str] | Bundle,
+    values: Sequence[float | None] | str,
+    *,
+    target: str | None = None,
+    criterion: Criterion | str = Criterion.MAX_SOFTMAX,
+) -> ManualThresholds:
+    """Write thresholds by hand: one value per exit, ``None`` (or "off") turns an exit off.
+
+    A value no score can reach (> 1 for max-softmax or margin, > 0 for entropy) keeps the
+    exit on but it never fires; the last enabled exit takes every remaining sample.
+    """
+    import dataclasses
+
+    crit = Criterion(criterion)
+    vals = parse_values(values) if isinstance(values, str) else tuple(
+        None if v is None else float(v) for v in values
+    )
+    root = bundle.root if isinstance(bundle, Bundle) else Path(bundle)
+    manifest = Bundle.open(root).manifest
+    entry = manifest.target(target)
+    k_count = len(manifest.segments)
+    if len(vals) != k_count:
+        raise InputError(f"got {len(vals)} thresholds for a model with {k_count} exits")
+    if any(v is not None and (math.isnan(v)) for v in vals):
+        raise InputError(f"thresholds contain NaN: {vals}")
+    enabled = [k for k, v in enumerate(vals) if v is not None]
+    if not enabled:
+        raise InputError("every exit is off: at least one exit must stay on")
+    top = 0.0 if crit is Criterion.ENTROPY else 1.0
+    never = tuple(k + 1 for k in enabled[:-1] if vals[k] is not None and vals[k] > top)  # type: ignore[operator]
+    th = Thresholds(crit, vals, "manual")
+    with edit_bundle(root) as writer:
+        assert writer.manifest is not None
+        current = writer.manifest.target(entry.key)
+        new = dataclasses.replace(current, thresholds=th, calibration={"goal": "manual", "criterion": crit.value})
+        writer.manifest = writer.manifest.with_target(new)
+    return ManualThresholds(entry.key, th, never, enabled[-1] + 1)
