@@ -5,9 +5,10 @@ Design (the build side is ``targets/tensorrt.py``):
 - **Device arrays.** Every tensor that flows between segments is a :class:`DeviceArray`
   (pointer, shape, dtype, and an owner that keeps the memory alive). Only what the runner
   asks for with :meth:`TensorRTBackend.to_host` (each exit's logits) comes back to the host.
-- **Buffers allocated once.** A session allocates its output buffers for the engine's
-  maximum batch when it is opened; inputs that are already device arrays are bound by
-  pointer (zero copy), host inputs go through one staging buffer per input.
+- **Buffers allocated once.** A session reserves its output buffers for the engine's
+  maximum batch when it is opened (see Memory below); inputs that are already device
+  arrays are bound by pointer (zero copy), host inputs go through one staging buffer per
+  input, allocated once for the maximum batch.
 - **Compaction on the device.** :meth:`TensorRTBackend.take` gathers the surviving rows of
   a batch-major tensor with device-to-device copies, one per run of consecutive rows
   (:func:`gather_copy_plan`), into memory from a pooled allocator.
@@ -16,9 +17,12 @@ Design (the build side is ``targets/tensorrt.py``):
   raises :class:`~edgeperceiver.errors.TargetError` (saying how to rebuild) before TensorRT
   ever sees the plan.
 
-Lifetime rule: the arrays a session returns are views of that session's output buffers and
-stay valid until the session runs again (the runner consumes them within one call).
-All work is issued on one CUDA stream per backend; ``to_host`` synchronizes it.
+Memory: all device memory of a run comes from a caching pool (pycuda's
+``DeviceMemoryPool``); output buffers are sized for the engine's max batch and reserved
+when a session opens, so after the first batch no allocation reaches the CUDA driver, and
+an array is never overwritten while someone still holds it. All work is issued on one
+CUDA stream per backend (stream order makes pool reuse safe); ``to_host`` synchronizes it.
+Sessions are not reentrant: the runner serialises ``run`` per segment.
 
 Only the standard library and numpy are imported at module import; ``tensorrt`` and
 ``pycuda`` are imported when a backend is created (``pip install 'edgeperceiver[tensorrt]'``).
@@ -58,6 +62,7 @@ _NP_DTYPES: Mapping[str, np.dtype[Any]] = {
     "BOOL": np.dtype(np.bool_),
 }
 
+_ALIGN = 256  #: byte alignment of tensor addresses handed to TensorRT
 _REBUILD = "edgeperceiver compile BUNDLE --target tensorrt --precision {precision}"
 
 
@@ -389,6 +394,7 @@ class TensorRTBackend:
     """
 
     name = "tensorrt"
+    thread_safe = False  #: the runner serialises each segment's session
 
     def __init__(self, *, device: int = 0, max_batch: int | None = None, strict_device: bool = True) -> None:
         if isinstance(device, bool) or not isinstance(device, int) or device < 0:
@@ -475,8 +481,12 @@ class TensorRTBackend:
         """An uninitialised device array from the memory pool (freed back when unreferenced)."""
         dt = np.dtype(dtype)
         nbytes = int(np.prod(tuple(shape), dtype=np.int64)) * dt.itemsize
-        alloc = self._pool.allocate(max(nbytes, 1))
+        alloc = self.reserve(nbytes)
         return DeviceArray(int(alloc), tuple(int(s) for s in shape), dt, alloc)
+
+    def reserve(self, nbytes: int) -> Any:
+        """``nbytes`` of device memory from the caching pool (returned to it when unreferenced)."""
+        return self._pool.allocate(max(int(nbytes), 1))
 
     def allocate(self, nbytes: int) -> Any:
         """A dedicated (non-pooled) device allocation of ``nbytes``, freed with its owner."""
@@ -533,11 +543,12 @@ class TensorRTSession:
         self.context = engine.create_execution_context()
         if self.context is None:
             raise TargetError(f"TensorRT could not create an execution context for {rel} (out of GPU memory?)")
-        # allocated once, for the largest batch this session accepts
-        self._out_buf = {b.name: backend.allocate(self.max_batch * b.row_bytes) for b in self.outputs}
+        # Output buffers are sized for the largest batch and come from the backend's caching
+        # pool: reserved here once, handed out again on every run (no cudaMalloc after this),
+        # so arrays a caller still holds are never overwritten by a later run.
         self._staging: dict[str, Any] = {}
-        for b in self.outputs:
-            self.context.set_tensor_address(b.name, int(self._out_buf[b.name]))
+        reserved = [backend.reserve(self.max_batch * b.row_bytes) for b in self.outputs]
+        del reserved  # back to the pool, ready for the first run
 
     @staticmethod
     def _binding(engine: trt.ICudaEngine, name: str) -> _Binding:
@@ -547,9 +558,9 @@ class TensorRTSession:
         return _Binding(name, numpy_dtype(engine.get_tensor_dtype(name)), dims[1:])
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
-        """Run on ``feeds`` (DeviceArrays or numpy arrays); outputs are DeviceArray views.
+        """Enqueue the engine on ``feeds`` (DeviceArrays or numpy arrays) on the backend's stream.
 
-        The outputs live in this session's buffers until its next ``run``.
+        Returns new DeviceArrays (max-batch buffers from the pool, holding ``n`` rows).
         """
         missing = [b.name for b in self.inputs if b.name not in feeds]
         if missing:
@@ -564,19 +575,20 @@ class TensorRTSession:
                 "(rebuild with a larger --option max_batch, or run smaller batches)"
             )
         ctx = self.context
+        self._keep_alive: list[DeviceArray] = []  # realigned inputs, alive until the next run
         for b in self.inputs:
             ptr = self._input_pointer(b, feeds[b.name], n)
             if not ctx.set_input_shape(b.name, (n, *b.sample_shape)):
                 raise TargetError(f"TensorRT refused shape {(n, *b.sample_shape)} for input {b.name!r}")
             ctx.set_tensor_address(b.name, ptr)
+        out: dict[str, Any] = {}
+        for b in self.outputs:
+            buf = self.backend.reserve(self.max_batch * b.row_bytes)
+            ctx.set_tensor_address(b.name, int(buf))
+            out[b.name] = DeviceArray(int(buf), (n, *b.sample_shape), b.dtype, buf)
         if not ctx.execute_async_v3(self.backend.stream.handle):
             raise TargetError(f"TensorRT failed to enqueue segment {self.segment.index}: "
                               + "; ".join(self.backend.log.errors()[-3:]))
-        out: dict[str, Any] = {}
-        for b in self.outputs:
-            shape = dims_tuple(ctx.get_tensor_shape(b.name))
-            buf = self._out_buf[b.name]
-            out[b.name] = DeviceArray(int(buf), shape, b.dtype, buf)
         return out
 
     def _input_pointer(self, b: _Binding, value: Any, n: int) -> int:
@@ -586,6 +598,9 @@ class TensorRTSession:
                     f"input {b.name!r}: got {value.dtype}{list(value.shape)}, engine wants {b.dtype}[N, "
                     f"{', '.join(map(str, b.sample_shape))}]"
                 )
+            if value.ptr % _ALIGN:  # a row view; TensorRT wants aligned tensor addresses
+                value = self.backend.take(value, np.arange(value.batch))
+                self._keep_alive.append(value)
             return value.ptr
         host = np.ascontiguousarray(value, dtype=b.dtype)
         if tuple(host.shape[1:]) != b.sample_shape:
