@@ -93,7 +93,7 @@ class SegmentStat:
     index: int
     exit: str
     nodes: int
-    params: int  #: parameters of the initializers this segment is first to use
+    params: int  #: elements of the weight initializers (not 0-d literals) this segment is first to use
     flops: int  #: multiply-accumulates of Conv/Gemm/MatMul per sample
     inputs: tuple[str, ...]
     carried: tuple[TensorSpec, ...]  #: outputs a later segment reads
@@ -214,10 +214,13 @@ def export_checkpoint(
     module = models.load_checkpoint(ckpt, name=arch)
     size = getattr(module, "input_size", 224)
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    pre = Preprocess(size=(h, w), resize=round(min(h, w) / 0.875))
-    name = str(getattr(module, "name", None) or arch or type(module).__name__)
+    mean = tuple(float(v) for v in getattr(module, "mean", (0.485, 0.456, 0.406)))
+    std = tuple(float(v) for v in getattr(module, "std", (0.229, 0.224, 0.225)))
+    channels = int(getattr(module, "in_chans", None) or len(mean))
+    pre = Preprocess(size=(h, w), resize=round(min(h, w) / 0.875), mean=mean, std=std, channels=channels)
+    name = str(getattr(module, "model_name", None) or arch or type(module).__name__)
     return export_module(
-        module, (3, h, w), out, exit_names=getattr(module, "exit_names", None), preprocess=pre, name=name,
+        module, (channels, h, w), out, exit_names=getattr(module, "exit_names", None), preprocess=pre, name=name,
         exits=exits, labels=labels, simplify=simplify, opset=opset, overwrite=overwrite,
         verify_batch=verify_batch, seed=seed, threads=threads, _source="checkpoint",
         _extra={"checkpoint": ckpt.name},
@@ -317,11 +320,20 @@ def export_onnx(
             f"{path.name}: exit(s) {missing} are not outputs of the model (its outputs: {', '.join(outputs)})"
         )
     in_name, _, in_shape = input_info(model)
-    source_model = restrict_outputs(model, exits)
-    original = ort_session(source_model, threads=threads)
+    original = ort_session(restrict_outputs(model, exits), threads=threads)
+    dim0 = next(i for i in model.graph.input if i.name == in_name).type.tensor_type.shape.dim[0]
+    chunk = int(dim0.dim_value) if dim0.HasField("dim_value") and dim0.dim_value > 0 else verify_batch
+    if verify_batch % chunk:
+        raise InputError(f"{path.name} has a fixed batch of {chunk}; use a verify batch that is a multiple of it")
 
     def reference(x: np.ndarray) -> dict[str, np.ndarray]:
-        return dict(zip(exits, original.run(list(exits), {in_name: x}), strict=True))
+        parts = []
+        for i in range(0, len(x), chunk):  # a source with a fixed batch runs chunk by chunk
+            try:
+                parts.append(original.run(list(exits), {in_name: x[i : i + chunk]}))
+            except Exception as exc:  # onnxruntime's own exception classes
+                raise ExportError(f"the source model failed in ONNX Runtime: {exc}") from exc
+        return {e: np.concatenate([p[k] for p in parts]) for k, e in enumerate(exits)}
 
     work = restrict_outputs(model, exits)
     make_batch_dynamic(work)
@@ -517,7 +529,7 @@ def _segment_stats(
             if name in seen_inits:
                 continue
             seen_inits.add(name)
-            if np_dtype_name(t.data_type) in PARAM_DTYPES:
+            if np_dtype_name(t.data_type) in PARAM_DTYPES and len(t.dims) > 0:  # 0-d: literals, not weights
                 params += numel(tuple(t.dims))
         flops = sum(node_macs(g.node[i], shapes) for i in s.nodes)
         carried = tuple(specs[o] for o in s.outputs if any(o in later.inputs for later in plan.segments[s.index:]))
