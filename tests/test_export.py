@@ -183,7 +183,7 @@ def test_tampered_segment_and_escaping_path_are_rejected(tmp_path: Path, torch_t
     data = bytearray(seg.read_bytes())
     data[-1] ^= 0xFF
     seg.write_bytes(bytes(data))
-    with pytest.raises(BundleError, match="seg2.onnx fails its checksum"):
+    with pytest.raises(BundleError, match=r"seg2\.onnx fails its checksum"):
         Bundle.open(root)
     seg.unlink()
     with pytest.raises(BundleError, match="missing"):
@@ -216,7 +216,7 @@ def test_load_module_factory(tmp_path: Path, torch_threads: Any) -> None:
     module = load_module_factory(f"{src}:make")()
     report = export_module(module, (3, 2, 2), tmp_path / "b", threads=1)
     assert report.ok and report.exits == ("exit1", "exit2")
-    with pytest.raises(InputError, match="package.module:factory"):
+    with pytest.raises(InputError, match=r"package\.module:factory"):
         load_module_factory("no_colon")
     with pytest.raises(InputError, match="no callable"):
         load_module_factory(f"{src}:missing")
