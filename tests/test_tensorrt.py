@@ -250,7 +250,8 @@ def _apply_plan(src: np.ndarray, rows: np.ndarray) -> np.ndarray:
     row_bytes = src.dtype.itemsize * int(np.prod(src.shape[1:], dtype=np.int64))
     out = np.full(len(rows) * row_bytes, 0xAB, np.uint8)
     for s, d, n in gather_copy_plan(rows, src.shape[0], row_bytes):
-        assert 0 <= s and s + n <= src_bytes.size and 0 <= d and d + n <= out.size
+        assert s >= 0 and d >= 0
+        assert s + n <= src_bytes.size and d + n <= out.size
         out[d : d + n] = src_bytes[s : s + n]
     return out.view(src.dtype).reshape((len(rows), *src.shape[1:]))
 
@@ -381,7 +382,8 @@ def test_segment_sources_fp_and_int8() -> None:
     assert segment_sources(m, Precision.FP16) == ("segments", ("segments/seg1.onnx", "segments/seg2.onnx"))
     with pytest.raises(TargetError, match="--target onnxruntime --precision int8 --calib-data"):
         segment_sources(m, Precision.INT8)
-    qdq = TargetEntry(TargetName.ONNXRUNTIME, Precision.INT8, ("onnxruntime-int8/seg1.onnx", "onnxruntime-int8/seg2.onnx"))
+    rels = ("onnxruntime-int8/seg1.onnx", "onnxruntime-int8/seg2.onnx")
+    qdq = TargetEntry(TargetName.ONNXRUNTIME, Precision.INT8, rels)
     m = _manifest({qdq.key: qdq})
     assert segment_sources(m, Precision.INT8) == ("onnxruntime-int8", qdq.segments)
 
@@ -426,7 +428,7 @@ def _quantized(tmp_path: Path, *, symmetric: bool) -> Any:
     src, dst = tmp_path / "f.onnx", tmp_path / f"q{int(symmetric)}.onnx"
     onnx.save(model, str(src))
 
-    class Reader(quant.CalibrationDataReader):  # type: ignore[misc]
+    class Reader:  # ONNX Runtime's CalibrationDataReader contract
         def __init__(self) -> None:
             self.items = iter([{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(4)])
 
