@@ -339,7 +339,7 @@ def test_trt_logger_collects_messages_into_the_build_log() -> None:
     log = BuildLog(min_severity=2)
     fake = type("FakeTRT", (), {"ILogger": _FakeILogger})
     logger: Any = make_trt_logger(log, module=fake)
-    assert isinstance(logger, _FakeILogger) and logger.base_initialised
+    assert _FakeILogger in type(logger).__mro__ and logger.base_initialised
     logger.log(_FakeSeverity(3), "Loaded engine size: 12 MiB")  # INFO: below the threshold
     logger.log(_FakeSeverity(2), "Weights [name=conv1] had the following issues")
     logger.log(_FakeSeverity(1), "1: [network.cpp] Error Code 1: Internal Error")
