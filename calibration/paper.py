@@ -47,8 +47,8 @@ def _ratios() -> np.ndarray:
 
 #: The official 33 mixes for 4 exits, bit for bit as the paper's code computes them in
 #: PyTorch float32 (hex floats). :func:`geometric_mixes` computes the same family in numpy;
-#: PyTorch's vectorised float32 exp/log differ from numpy's by one ulp in a few entries, and
-#: one ulp is enough to move ``floor(n * p)`` for some n, so the protocol uses this table
+#: PyTorch's vectorised float32 exp/log differ from numpy's by an ulp or two in some entries, and
+#: a few ulps are enough to move ``floor(n * p)`` for some n, so the protocol uses this table
 #: (``tests/test_paper_protocol.py`` recomputes it with the official arithmetic).
 _OFFICIAL_MIXES_HEX: tuple[tuple[str, str, str, str], ...] = (
     ('0x1.5cb7cc0000000p-1', '0x1.075bae0000000p-2', '0x1.a55f760000000p-6', '0x1.26f6000000000p-5'),
