@@ -33,6 +33,8 @@ from edgeperceiver.errors import CalibrationError, InputError
 
 #: a threshold vector as the policies use it: float per exit, None = disabled, +inf = never fires
 ThresholdValues = tuple[float | None, ...]
+#: cumulative cost to reach each exit
+Costs = Sequence[float] | np.ndarray
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def evaluate(
     preds: np.ndarray,
     labels: np.ndarray | None,
     thresholds: Sequence[float | None],
-    costs: Sequence[float],
+    costs: Costs,
 ) -> OperatingPoint:
     """The :class:`OperatingPoint` of ``thresholds`` on these samples."""
     preds = np.asarray(preds)
@@ -126,7 +128,7 @@ def exit_accuracies(preds: np.ndarray, labels: np.ndarray) -> np.ndarray:
 Key = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, ...]]
 
 
-def _check_inputs(scores: np.ndarray, preds: np.ndarray, costs: Sequence[float], allowed: Sequence[int]) -> None:
+def _check_inputs(scores: np.ndarray, preds: np.ndarray, costs: Costs, allowed: Sequence[int]) -> None:
     if scores.shape != preds.shape or scores.ndim != 2:
         raise InputError(f"scores {scores.shape} and predictions {preds.shape} must both be (exits, samples)")
     if len(costs) != scores.shape[0]:
@@ -205,7 +207,7 @@ def _coordinate_step(
 def search(
     scores: np.ndarray,
     value: np.ndarray,
-    costs: Sequence[float],
+    costs: Costs,
     allowed: Sequence[int],
     key: Key,
     starts: Sequence[np.ndarray],
@@ -278,7 +280,7 @@ def max_drop(
     scores: np.ndarray,
     preds: np.ndarray,
     labels: np.ndarray,
-    costs: Sequence[float],
+    costs: Costs,
     points: float,
     allowed: Sequence[int] | None = None,
     z: float = 0.0,
@@ -317,7 +319,7 @@ def budget(
     scores: np.ndarray,
     preds: np.ndarray,
     labels: np.ndarray,
-    costs: Sequence[float],
+    costs: Costs,
     limit: float,
     allowed: Sequence[int] | None = None,
 ) -> ThresholdValues:

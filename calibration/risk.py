@@ -133,15 +133,17 @@ def losses(
         per_exit = wrong & ~wrong[final][None, :]
     else:
         per_exit = preds != preds[final][None, :]
-    out = np.zeros((len(thresholds), n), dtype=bool)
-    for li, t in enumerate(thresholds):
-        taken = np.full(n, final, dtype=np.int64)
-        undecided = np.ones(n, dtype=bool)
-        for k in allowed[:-1]:
-            fire = undecided & (scores[k] >= t)
-            taken[fire] = k
-            undecided &= ~fire
-        out[li] = per_exit[taken, rows]
+    # with one shared threshold t, a sample leaves at the first early exit whose score >= t, i.e. at
+    # position #{j : running max of its scores up to early exit j < t} (the running max only grows)
+    early = list(allowed[:-1])
+    order = np.array([*early, final], dtype=np.int64)
+    running = np.maximum.accumulate(scores[early], axis=0) if early else np.zeros((0, n))  # (E, N)
+    t = np.asarray(thresholds, dtype=np.float64)
+    out = np.zeros((len(t), n), dtype=bool)
+    for start in range(0, len(t), 64):  # chunks bound the (L, E, N) temporary
+        chunk = t[start : start + 64]
+        pos = (running[None, :, :] < chunk[:, None, None]).sum(axis=1)
+        out[start : start + 64] = per_exit[order[pos], rows[None, :]]
     return out
 
 
