@@ -22,6 +22,7 @@ from edgeperceiver.errors import BundleError, InputError, MissingDependencyError
 from edgeperceiver.runtime import Runner, load, scores
 from edgeperceiver.runtime.backends import create_backend
 from edgeperceiver.runtime.cli_support import render_rows, run_inputs, to_rows
+from edgeperceiver.runtime.criteria import evaluate
 from edgeperceiver.types import Criterion
 
 K = 3
@@ -168,6 +169,11 @@ def test_scores_do_not_depend_on_the_batch() -> None:
     logits = (rng.standard_normal((37, 1000)) * 5).astype(np.float32)
     for crit in Criterion:
         full = scores(logits, crit)
+        ev, labels, conf = evaluate(logits, crit)
+        np.testing.assert_array_equal(ev, full)
+        np.testing.assert_array_equal(labels, logits.argmax(1))
+        if crit is Criterion.MAX_SOFTMAX:
+            np.testing.assert_array_equal(conf, full.astype(np.float32))
         for i in (0, 5, 36):
             assert scores(logits[i : i + 1], crit)[0] == full[i]
             assert scores(logits[i:], crit)[0] == full[i]

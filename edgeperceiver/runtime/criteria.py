@@ -50,6 +50,27 @@ def scores(logits: np.ndarray, criterion: Criterion | str = Criterion.MAX_SOFTMA
     return out
 
 
+def evaluate(
+    logits: np.ndarray, criterion: Criterion | str = Criterion.MAX_SOFTMAX
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scores float64, labels int64, top-1 probability float32) per row, one softmax per row.
+
+    The scores are bit-for-bit those of :func:`scores`.
+    """
+    crit = Criterion(criterion)
+    logits = np.asarray(logits)
+    if logits.ndim != 2:
+        raise InputError(f"exit logits must be (N, classes), got shape {logits.shape}")
+    n = logits.shape[0]
+    out, conf = np.empty(n, np.float64), np.empty(n, np.float32)
+    labels = logits.argmax(axis=1).astype(np.int64)
+    for i in range(n):
+        p = _softmax_row(np.array(logits[i], dtype=np.float64, copy=True))
+        out[i] = _score_row(p, crit)
+        conf[i] = p[labels[i]]
+    return out, labels, conf
+
+
 def _score_row(p: np.ndarray, crit: Criterion) -> float:
     if crit is Criterion.MAX_SOFTMAX:
         return float(p.max())
@@ -60,11 +81,3 @@ def _score_row(p: np.ndarray, crit: Criterion) -> float:
         return 1.0
     top2 = np.partition(p, p.size - 2)[-2:]
     return float(top2[1] - top2[0])
-
-
-def top1(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(labels int64, top-1 softmax probability float32) per row."""
-    logits = np.asarray(logits)
-    labels = logits.argmax(axis=1).astype(np.int64) if logits.ndim == 2 else np.zeros(0, np.int64)
-    p = softmax(logits)
-    return labels, p[np.arange(p.shape[0]), labels].astype(np.float32)

@@ -25,8 +25,7 @@ from ..errors import BundleError, InputError
 from ..types import Criterion, TargetName
 from .backend import Backend, Session
 from .backends import create_backend
-from .criteria import scores as criterion_scores
-from .criteria import top1
+from .criteria import evaluate
 from .preprocess import iter_input_batches
 
 ThresholdsLike = Thresholds | Sequence[float | None]
@@ -347,23 +346,24 @@ class Runner:
         for k, seg in enumerate(self.segments[:last]):
             outs = self.run_segment(k, {t.name: live[t.name] for t in seg.inputs})
             logits = np.asarray(self.backend.to_host(outs[seg.exit]))
-            if k + 1 == last:
-                leave = np.ones(active.shape[0], bool)
-                s = criterion_scores(logits, crit)
-            elif forced is not None:
-                leave = forced[active] == k + 1
-                s = criterion_scores(logits, crit)
+            if k + 1 == last or forced is not None:
+                if k + 1 == last:
+                    leave = np.ones(active.shape[0], bool)
+                else:
+                    assert forced is not None
+                    leave = forced[active] == k + 1
+                if leave.any():
+                    s, lab, c = evaluate(logits[leave], crit)
+                    gone = active[leave]
+                    labels[gone], conf[gone], score[gone], exits[gone] = lab, c, s, k + 1
             elif th is None or th.values[k] is None:
                 leave = np.zeros(active.shape[0], bool)
-                s = None
             else:
-                s = criterion_scores(logits, crit)
+                s, lab, c = evaluate(logits, crit)
                 leave = s >= th.values[k]
-            if leave.any():
-                assert s is not None
-                gone = active[leave]
-                lab, c = top1(logits[leave])
-                labels[gone], conf[gone], score[gone], exits[gone] = lab, c, s[leave], k + 1
+                if leave.any():
+                    gone = active[leave]
+                    labels[gone], conf[gone], score[gone], exits[gone] = lab[leave], c[leave], s[leave], k + 1
             if leave.all():
                 break
             live.update(outs)
