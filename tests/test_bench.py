@@ -1,0 +1,87 @@
+"""``edgeperceiver bench`` on a hand-made bundle: what is measured and how it is reported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from bundles import make_toy_bundle, toy_inputs
+
+from edgeperceiver.bench import bench, interleaved, mix_counts, mix_schedule
+from edgeperceiver.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_toy_bundle(tmp_path_factory.mktemp("bench") / "b", logit_scale=4.0, thresholds=[0.6, 0.5, None])
+
+
+def test_mix_counts_and_schedule() -> None:
+    assert mix_counts([0.5, 0.3, 0.1, 0.1], 8) == [4, 2, 1, 1]
+    for n in (1, 7, 20, 101):
+        c = mix_counts([0.4, 0.3, 0.2, 0.1], n)
+        assert sum(c) == n
+        assert all(abs(ci - p * n) < 1 for ci, p in zip(c, [0.4, 0.3, 0.2, 0.1], strict=True))
+    assert mix_counts([1, 0, 0], 5) == [5, 0, 0]
+    s = mix_schedule([0.5, 0.5], 10, seed=1)
+    assert sorted(s.tolist()) == [1] * 5 + [2] * 5
+    np.testing.assert_array_equal(s, mix_schedule([0.5, 0.5], 10, seed=1))
+
+
+def test_interleaved_is_round_robin() -> None:
+    calls: list[str] = []
+    jobs = {n: (lambda n=n: calls.append(n)) for n in "abc"}
+    seen: list[tuple[int, int]] = []
+    times = interleaved(jobs, repeats=4, warmup=1, progress=lambda d, t: seen.append((d, t)))
+    assert calls[:3] == ["a", "b", "c"]  # warm-up round
+    rounds = [sorted(calls[3 + 3 * r : 6 + 3 * r]) for r in range(4)]
+    assert rounds == [["a", "b", "c"]] * 4
+    assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4, "c": 4}
+    assert seen[-1] == (12, 12) and len(seen) == 12
+    with pytest.raises(InputError):
+        interleaved(jobs, repeats=0)
+
+
+def test_bench_reports_every_measurement(toy: Path) -> None:
+    progress: list[tuple[int, int]] = []
+    data = toy_inputs(12)
+    report = bench(toy, batch_sizes=(1, 4), exit_mix=(0.5, 0.3, 0.2), data=data, repeats=3, warmup=1, threads=1,
+                   mix_round=5, progress=lambda d, t: progress.append((d, t)))
+    assert report.target == "onnxruntime-fp32" and report.backend == "onnxruntime"
+    assert report.exits == ("e1", "e2", "e3") and [b.batch for b in report.batches] == [1, 4]
+    for b in report.batches:
+        assert len(b.segment_ms) == len(b.cumulative_ms) == 3
+        assert all(v > 0 for v in (*b.segment_ms, *b.cumulative_ms))
+        assert b.monolithic_ms is not None and b.cut_price is not None and b.cut_price > 0
+        assert b.mix_ideal_ms is not None and b.mix_measured_ms is not None and b.mix_ratio is not None
+        assert b.thresholds_expected_ms is not None and b.thresholds_ratio is not None
+        # ideal = sum p_k * cumulative_k (batch 1: the requested proportions)
+    b1 = report.batch(1)
+    assert b1.mix_ideal_ms == pytest.approx(float(np.dot([0.5, 0.3, 0.2], b1.cumulative_ms)))
+    # the data's exits follow the bundle's thresholds, as the runtime computes them
+    from edgeperceiver.runtime import load
+
+    exits = load(toy, threads=1).predict(data).exits
+    assert report.data_exit_share == pytest.approx(tuple(float(np.mean(exits == k)) for k in (1, 2, 3)))
+    n_jobs = 2 * (3 + 3 + 1 + 1 + 1)  # per batch size: segments, exits, monolithic, mix, data
+    assert progress[-1] == (3 * n_jobs, 3 * n_jobs)
+    d = json.loads(report.to_json())
+    assert d["batches"][0]["cut_price"] == pytest.approx(b1.cut_price)
+    text = report.render()
+    for needle in ("segment 3 alone", "to exit 2 e2", "chained / monolithic", "measured / ideal", "thresholds, 12"):
+        assert needle in text
+
+
+def test_bench_rejects_bad_options(toy: Path) -> None:
+    with pytest.raises(InputError, match="exit mix"):
+        bench(toy, exit_mix=(0.5, 0.5), repeats=1)
+    with pytest.raises(InputError, match="exit mix"):
+        bench(toy, exit_mix=(0.5, -0.5, 1.0), repeats=1)
+    with pytest.raises(InputError, match="batch sizes"):
+        bench(toy, batch_sizes=(0,), repeats=1)
