@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from bundles import make_toy_bundle, toy_inputs
 
 from edgeperceiver.bundle import Bundle, TargetEntry, edit_bundle
 from edgeperceiver.errors import InputError, TargetError
 from edgeperceiver.types import Precision, TargetName
-from bundles import make_toy_bundle, toy_inputs
 
 
 def _gpu_ready() -> str | None:
@@ -140,6 +140,16 @@ def test_int8_needs_the_qdq_segments(toy: Path, tmp_path: Path) -> None:
         _compile(toy, Precision.INT8, tmp_path)
 
 
+class _Reader:
+    """ONNX Runtime's CalibrationDataReader contract over a list of feeds."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self.items = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.items, None)
+
+
 def _add_qdq_entry(bundle: Path, tmp_path: Path) -> None:
     """Quantize every toy segment with ONNX Runtime (symmetric signed INT8) as onnxruntime-int8."""
     import onnx
@@ -155,16 +165,9 @@ def _add_qdq_entry(bundle: Path, tmp_path: Path) -> None:
         for seg in w.manifest.segments:
             feeds = [{t.name: live[t.name][i : i + 1] for t in seg.inputs} for i in range(len(x))]
 
-            class Reader:
-                def __init__(self) -> None:
-                    self.items = iter(feeds)
-
-                def get_next(self) -> dict[str, np.ndarray] | None:
-                    return next(self.items, None)
-
             rel = f"onnxruntime-int8/seg{seg.index}.onnx"
             q.quantize_static(
-                str(w.path(seg.path)), str(tmp_path / f"q{seg.index}.onnx"), Reader(),
+                str(w.path(seg.path)), str(tmp_path / f"q{seg.index}.onnx"), _Reader(feeds),
                 quant_format=q.QuantFormat.QDQ, activation_type=q.QuantType.QInt8,
                 weight_type=q.QuantType.QInt8, extra_options={"ActivationSymmetric": True},
             )
