@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bundles import make_toy_bundle, toy_inputs
 
 import calibration as cal
 from calibration.collect import ExitRecord, cache_dir
@@ -16,7 +17,6 @@ from edgeperceiver.bundle import Bundle, edit_bundle
 from edgeperceiver.errors import CalibrationError, InputError
 from edgeperceiver.runtime import load
 from edgeperceiver.types import Criterion
-from bundles import make_toy_bundle, toy_inputs
 
 N = 400
 
