@@ -1,0 +1,123 @@
+"""Export the official golden Dyn-Perceiver checkpoints and check the cut against the fixtures.
+
+Slow (one export per model, ~15-35 s each on 2 cores); skipped when the fixtures are absent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from edgeperceiver.bundle import Bundle  # noqa: E402
+from edgeperceiver.cut import run_chain  # noqa: E402
+from edgeperceiver.export import ExportReport, export_checkpoint  # noqa: E402
+from edgeperceiver.onnx_utils import macs_tensors, node_macs, probe, static_tensors  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+MODELS = {  # name -> (checkpoint, io file, relative FLOPs tolerance vs the fixture's flops_g)
+    "reg800m_perceiver_t128": ("reg800m_perceiver_t128.fp16.pth", "reg800m_perceiver_t128.fp16.io.npz", 0.01),
+    "mobilenetV3_0x75_perceiver_t128": (
+        "mobilenetV3_0x75_perceiver_t128.pth", "mobilenetV3_0x75_perceiver_t128.io.npz", 0.01,
+    ),
+    # fvcore (the fixture's counter for this one) also counts norms and pooling: ~2% more than Conv/Gemm/MatMul
+    "resnet50_0375_perceiver_t128": (
+        "resnet50_0375_perceiver_t128.fp16.pth", "resnet50_0375_perceiver_t128.fp16.io.npz", 0.03,
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def exported(
+    request: pytest.FixtureRequest, golden_dir: Path, tmp_path_factory: pytest.TempPathFactory, torch_threads: Any
+) -> tuple[str, ExportReport, Bundle, Any]:
+    name = request.param
+    ckpt, io_file, _ = MODELS[name]
+    out = tmp_path_factory.mktemp(name) / "bundle"
+    report = export_checkpoint(golden_dir / ckpt, out, verify_batch=2, threads=2)
+    return name, report, Bundle.open(out), np.load(golden_dir / io_file)
+
+
+def test_chained_segments_reproduce_the_fixture(exported: tuple[str, ExportReport, Bundle, Any]) -> None:
+    name, report, bundle, io = exported
+    m = bundle.manifest
+    assert report.ok and m.exits == ("y_early3", "y_att", "y_cnn", "y_merge")
+    assert m.model_name == name and m.num_classes == 1000 and m.input.shape == ("batch", 3, 224, 224)
+    got = run_chain([bundle.path(s.path) for s in m.segments], {m.input.name: io["input"]}, threads=2)
+    for e in m.exits:
+        ref = io[e]
+        tol = 1e-4 * max(1.0, float(np.abs(ref).max()))
+        diff = float(np.abs(got[e] - ref).max())
+        assert diff <= tol, f"{name} {e}: max abs diff {diff:.2e} > {tol:.1e}"
+        assert (got[e].argmax(1) == ref.argmax(1)).all()
+
+
+def test_segment_flops_add_up_and_match_the_fixture(
+    exported: tuple[str, ExportReport, Bundle, Any], golden_dir: Path
+) -> None:
+    name, _, bundle, io = exported
+    model = onnx.load(str(bundle.path(bundle.manifest.model_path)))
+    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    need = [t for t in macs_tensors(model.graph.node) if t not in inits]
+    x = np.zeros((1, 3, 224, 224), np.float32)
+    _, shapes = probe(model, {bundle.manifest.input.name: x}, shapes_of=need, threads=2)
+    total = sum(node_macs(n, {**inits, **shapes}) for n in model.graph.node)
+    segs = bundle.manifest.segments
+    assert sum(s.flops for s in segs) == total
+    cumulative = np.cumsum([s.flops for s in segs]) / 1e9
+    flops_g = np.asarray(io["flops_g"], dtype=np.float64)
+    rel = np.abs(cumulative - flops_g) / flops_g
+    assert (rel <= MODELS[name][2]).all(), f"{name}: GMACs {cumulative} vs fixture {flops_g}"
+
+
+def test_no_node_in_two_segments(exported: tuple[str, ExportReport, Bundle, Any]) -> None:
+    _, _, bundle, _ = exported
+    model = onnx.load(str(bundle.path(bundle.manifest.model_path)))
+    static = static_tensors(model.graph)
+    seen: dict[str, int] = {}
+    total = 0
+    for s in bundle.manifest.segments:
+        seg = onnx.load(str(bundle.path(s.path)))
+        for node in seg.graph.node:
+            out = node.output[0]
+            if out in static:
+                continue  # constants may be copied into several segments
+            assert out not in seen, f"{out} computed by segments {seen[out]} and {s.index}"
+            seen[out] = s.index
+            total += 1
+    assert total == sum(1 for n in model.graph.node if n.output[0] not in static)
+
+
+def test_reg800m_boundaries_carry_exactly_what_the_architecture_needs(
+    exported: tuple[str, ExportReport, Bundle, Any],
+) -> None:
+    name, _, bundle, _ = exported
+    if name != "reg800m_perceiver_t128":
+        pytest.skip("the boundary table is for reg800m")
+    s1, s2, s3, s4 = bundle.manifest.segments
+
+    def shapes(tensors: Any) -> list[tuple[Any, ...]]:
+        return sorted((t.shape[1:] for t in tensors), key=str)
+
+    logits = (1000,)
+    # 1|2: CNN features + latent + exit-1 logits (CNN block 3 is not needed by exit 1)
+    assert shapes(s1.outputs) == shapes(s2.inputs)
+    assert sorted(shapes(s2.inputs), key=str) == sorted([(144, 28, 28), (32, 144), logits], key=str)
+    assert s1.carried_bytes == (144 * 28 * 28 + 32 * 144 + 1000) * 4 == 474_016
+    # 2|3: [320,14,14] + latent [16,320] + latent mean [320] + exit-2 logits; exit 3 reads only the CNN map
+    assert sorted(shapes(s2.outputs), key=str) == sorted([logits, (320, 14, 14), (16, 320), (320,)], key=str)
+    assert shapes(s3.inputs) == [(320, 14, 14)]
+    assert set(s2.live_after) == {t.name for t in s2.outputs}
+    # 3|4: block-4 output + latent + latent mean + exit-2 logits (from segments 2 and 3)
+    assert sorted(shapes(s4.inputs), key=str) == sorted([(784, 7, 7), (16, 320), (320,), logits], key=str)
+    assert {t.name for t in s4.inputs} == set(s3.live_after)
+    assert s4.live_after == ()
+    made_by_2 = {t.name for t in s2.outputs}
+    assert {t.name for t in s4.inputs} - made_by_2 == {t.name for t in s3.outputs[1:]}
