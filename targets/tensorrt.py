@@ -46,6 +46,7 @@ from edgeperceiver.runtime.tensorrt import (
     DeviceFacts,
     current_device_facts,
     dims_tuple,
+    import_cuda,
     import_tensorrt,
     make_trt_logger,
 )
@@ -544,26 +545,38 @@ def compile_target(
     if precision not in (Precision.FP32, Precision.FP16, Precision.INT8):
         raise InputError(f"TensorRT builds fp32, fp16 or int8 engines, not {precision.value}")
     source, paths = segment_sources(manifest, precision)
+    if precision is Precision.INT8:
+        check_qdq_segments(writer, paths)
 
+    import_tensorrt()
+    facts = current_device_facts(opts.device)
+    # build on the chosen GPU: TensorRT (CUDA runtime) uses the context current in this thread
+    device_ctx = import_cuda().Device(opts.device).retain_primary_context()
+    device_ctx.push()
+    try:
+        return _compile(writer, manifest, precision, opts, source, paths, facts)
+    finally:
+        device_ctx.pop()
+
+
+def _compile(
+    writer: BundleWriter,
+    manifest: Manifest,
+    precision: Precision,
+    opts: BuildOptions,
+    source: str,
+    paths: tuple[str, ...],
+    facts: DeviceFacts,
+) -> TargetEntry:
     trt_mod = import_tensorrt()
     import tensorrt as trt
 
-    facts = current_device_facts(opts.device)
     major = int(str(trt_mod.__version__).split(".")[0])
     strongly = opts.strongly_typed if opts.strongly_typed is not None else major >= 11
     if major >= 11 and not strongly:
         raise InputError("TensorRT 11 builds strongly typed networks only; drop --option strongly_typed=false")
 
     onnx_mod = _onnx()
-    if precision is Precision.INT8:
-        for k, rel in enumerate(paths, start=1):
-            problems = qdq_problems(onnx_mod.load(str(writer.path(rel)), load_external_data=False))
-            if problems:
-                raise TargetError(
-                    f"{rel} (segment {k}) has quantizers TensorRT cannot build: {'; '.join(problems[:3])}"
-                    f"{f' (+{len(problems) - 3} more)' if len(problems) > 3 else ''}. Re-quantize with symmetric "
-                    "signed INT8 activations (e.g. QuantizeConfig(preset='performance'))"
-                )
 
     folder = f"tensorrt-{precision.value}"
     log = BuildLog(min_severity=3 if opts.verbose else 2)
@@ -625,6 +638,19 @@ def compile_target(
     return TargetEntry(target=TargetName.TENSORRT, precision=precision, segments=tuple(engines), metadata=metadata)
 
 
+def check_qdq_segments(writer: BundleWriter, paths: Sequence[str]) -> None:
+    """Raise :class:`TargetError` if a QDQ segment has quantizers TensorRT cannot build."""
+    onnx_mod = _onnx()
+    for k, rel in enumerate(paths, start=1):
+        problems = qdq_problems(onnx_mod.load(str(writer.path(rel)), load_external_data=False))
+        if problems:
+            more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise TargetError(
+                f"{rel} (segment {k}) has quantizers TensorRT cannot build: {'; '.join(problems[:3])}{more}. "
+                "Re-quantize with symmetric signed INT8 activations (e.g. QuantizeConfig(preset='performance'))"
+            )
+
+
 def _initial_cache(writer: BundleWriter, bundle_rel: str, user_cache: Path | None) -> bytes:
     """Timing-cache bytes to start from: the user cache for this GPU, else the bundle's."""
     for path in (user_cache, writer.dir / bundle_rel):
@@ -662,7 +688,10 @@ def _build_segment(
         config.builder_optimization_level = opts.optimization_level
     if state.cache is None:
         state.cache = config.create_timing_cache(seed)
-        if seed and not config.set_timing_cache(state.cache, False):
+        if state.cache is None:  # unreadable bytes
+            state.log.mark("the stored timing cache is unreadable; starting a new one")
+            state.cache = config.create_timing_cache(b"")
+        elif seed and not config.set_timing_cache(state.cache, False):
             state.log.mark("the stored timing cache does not match this GPU/TensorRT; starting a new one")
             state.cache = config.create_timing_cache(b"")
     if not config.set_timing_cache(state.cache, False):

@@ -452,3 +452,20 @@ def test_qdq_symmetric_int8_is_accepted(tmp_path: Path) -> None:
 def test_qdq_asymmetric_uint8_is_refused(tmp_path: Path) -> None:
     problems = qdq_problems(_quantized(tmp_path, symmetric=False))
     assert problems and any("UINT8" in p for p in problems)
+
+
+def test_compile_int8_refuses_asymmetric_qdq_before_touching_tensorrt(tmp_path: Path) -> None:
+    import onnx
+
+    from targets.tensorrt import compile_target
+
+    model = _quantized(tmp_path / "q", symmetric=False) if (tmp_path / "q").mkdir() is None else None
+    stage = tmp_path / "stage"
+    rels = ("onnxruntime-int8/seg1.onnx", "onnxruntime-int8/seg2.onnx")
+    for rel in rels:
+        (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(model, str(stage / rel))
+    qdq = TargetEntry(TargetName.ONNXRUNTIME, Precision.INT8, rels)
+    writer = BundleWriter(stage, _manifest({qdq.key: qdq}))
+    with pytest.raises(TargetError, match=r"onnxruntime-int8/seg1.onnx \(segment 1\).*UINT8.*symmetric"):
+        compile_target(writer, Precision.INT8, calib=None, options={})

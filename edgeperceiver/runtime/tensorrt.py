@@ -22,7 +22,9 @@ Memory: all device memory of a run comes from a caching pool (pycuda's
 when a session opens, so after the first batch no allocation reaches the CUDA driver, and
 an array is never overwritten while someone still holds it. All work is issued on one
 CUDA stream per backend (stream order makes pool reuse safe); ``to_host`` synchronizes it.
-Sessions are not reentrant: the runner serialises ``run`` per segment.
+Sessions are not reentrant: the runner serialises ``run`` per segment. The device's primary
+context (the one the CUDA runtime, hence TensorRT, uses) is made current in every thread
+that calls the backend.
 
 Only the standard library and numpy are imported at module import; ``tensorrt`` and
 ``pycuda`` are imported when a backend is created (``pip install 'edgeperceiver[tensorrt]'``).
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import platform
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -410,8 +413,10 @@ class TensorRTBackend:
             self._ctx = self._cuda.Device(device).retain_primary_context()
         except Exception as exc:  # pycuda.driver.LogicError for a bad ordinal
             raise InputError(f"CUDA device {device} is not available: {exc}") from exc
-        # TensorRT uses the CUDA runtime, which works in the device's primary context.
-        self._ctx.push()
+        # TensorRT uses the CUDA runtime, which works in the device's primary context; it is
+        # made current in every thread that uses this backend (see _ensure_context).
+        self._threads = threading.local()
+        self._ensure_context()
         self._closed = False
         self.facts = current_device_facts(device)
         self.stream = self._cuda.Stream()
@@ -420,11 +425,18 @@ class TensorRTBackend:
         self.log = BuildLog(min_severity=2)
         self._runtime = trt_mod.Runtime(make_trt_logger(self.log, module=trt_mod))
 
+    def _ensure_context(self) -> None:
+        """Make the device's primary context current in the calling thread (once per thread)."""
+        if not getattr(self._threads, "pushed", False):
+            self._ctx.push()
+            self._threads.pushed = True
+
     # -- Backend protocol
 
     def open(self, bundle: Bundle, entry: TargetEntry, segment: SegmentSpec) -> TensorRTSession:
         """Check the engine facts against this GPU, then deserialize segment ``segment.index``."""
         check_engine_compatible(entry, self.facts, strict_device=self.strict_device)
+        self._ensure_context()
         rel = entry.segments[segment.index - 1]
         try:
             plan = bundle.path(rel).read_bytes()
@@ -442,6 +454,7 @@ class TensorRTBackend:
 
     def from_host(self, array: np.ndarray) -> DeviceArray:
         """Copy a host array to a new (pooled) device array."""
+        self._ensure_context()
         host = np.ascontiguousarray(array)
         if host.ndim == 0:
             raise InputError("cannot move a 0-d array to the GPU as a batch")
@@ -456,6 +469,7 @@ class TensorRTBackend:
             return array
         if not isinstance(array, DeviceArray):
             raise InputError(f"to_host expects a DeviceArray, not {type(array).__name__}")
+        self._ensure_context()
         out = np.empty(array.shape, dtype=array.dtype)
         self.stream.synchronize()
         if out.nbytes:
@@ -468,6 +482,7 @@ class TensorRTBackend:
             array = self.from_host(array)
         if not isinstance(array, DeviceArray):
             raise InputError(f"take expects a DeviceArray, not {type(array).__name__}")
+        self._ensure_context()
         idx = np.asarray(rows)
         plan = gather_copy_plan(idx, array.batch, array.row_bytes)
         out = self.empty((int(idx.size), *array.shape[1:]), array.dtype)
@@ -502,7 +517,9 @@ class TensorRTBackend:
         self._closed = True
         self.stream.synchronize()
         self._pool.free_held()
-        self._ctx.pop()
+        if getattr(self._threads, "pushed", False):
+            self._ctx.pop()
+            self._threads.pushed = False
 
 
 @dataclass(frozen=True)
@@ -574,6 +591,7 @@ class TensorRTSession:
                 f"batch {n} is outside this engine's range 1..{self.max_batch} "
                 "(rebuild with a larger --option max_batch, or run smaller batches)"
             )
+        self.backend._ensure_context()
         ctx = self.context
         self._keep_alive: list[DeviceArray] = []  # realigned inputs, alive until the next run
         for b in self.inputs:
