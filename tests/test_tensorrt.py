@@ -459,7 +459,8 @@ def test_compile_int8_refuses_asymmetric_qdq_before_touching_tensorrt(tmp_path: 
 
     from targets.tensorrt import compile_target
 
-    model = _quantized(tmp_path / "q", symmetric=False) if (tmp_path / "q").mkdir() is None else None
+    (tmp_path / "q").mkdir()
+    model = _quantized(tmp_path / "q", symmetric=False)
     stage = tmp_path / "stage"
     rels = ("onnxruntime-int8/seg1.onnx", "onnxruntime-int8/seg2.onnx")
     for rel in rels:
