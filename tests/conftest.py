@@ -33,3 +33,18 @@ def torch_threads() -> Iterator[Any]:
     torch.set_num_threads(int(os.environ.get("EDGEPERCEIVER_TEST_THREADS", "2")))
     yield torch
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def golden_mobilenet_bundle(golden_dir: Path, tmp_path_factory: pytest.TempPathFactory, torch_threads: Any) -> Path:
+    """The official MobileNetV3 Dyn-Perceiver golden checkpoint exported once per session (read-only use).
+
+    Exporting costs ~40 s on 2 cores; slow tests that only read the bundle can share this one.
+    """
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from edgeperceiver.export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("golden-mobilenet") / "bundle"
+    export_checkpoint(golden_dir / "mobilenetV3_0x75_perceiver_t128.pth", out, threads=2, verify_batch=2)
+    return out

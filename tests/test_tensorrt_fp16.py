@@ -221,14 +221,12 @@ def test_control_flow_is_refused() -> None:
 
 
 @pytest.mark.slow
-def test_official_dyn_perceiver_segments_in_fp16(tmp_path: Path, golden_dir: Path, torch_threads: Any) -> None:
+def test_official_dyn_perceiver_segments_in_fp16(golden_mobilenet_bundle: Path, golden_dir: Path) -> None:
     """Every segment of the exported official MobileNetV3 Dyn-Perceiver, cast to fp16, chained in ORT."""
     from edgeperceiver.bundle import Bundle
-    from edgeperceiver.export import export_checkpoint
 
     name = "mobilenetV3_0x75_perceiver_t128"
-    export_checkpoint(golden_dir / f"{name}.pth", tmp_path / "b", threads=2, verify_batch=2)
-    bundle = Bundle.open(tmp_path / "b")
+    bundle = Bundle.open(golden_mobilenet_bundle)
     x = np.load(golden_dir / f"{name}.io.npz")["input"]
     live32: dict[str, np.ndarray] = {bundle.manifest.input.name: x}
     live16 = dict(live32)
