@@ -356,7 +356,15 @@ def _write(root: Path, key: str, result: CalibrationResult) -> CalibrationResult
     result = _replace(result, report_files=files)
     title = f"{key}: {result.goal.describe()} ({result.criterion.value})"
     csv_data = csv_bytes(result.curve, result.fit, result.check, result.goal.describe(), result.costs)
-    png = pareto_png(result.curve, result.check, result.costs, title)
+    hline = vline = None
+    goal = result.goal
+    if isinstance(goal, MaxDrop) and result.final_check.accuracy is not None:
+        hline = (100 * result.final_check.accuracy - goal.points, f"final exit - {goal.points:g} pts")
+    elif isinstance(goal, Budget):
+        vline = (goal.limit, f"budget {goal.limit:g} {result.costs.unit}")
+    elif isinstance(goal, Risk) and goal.loss is RiskLoss.DISAGREEMENT and result.final_check.accuracy is None:
+        hline = (100 * (1 - goal.eps), f"agreement {100 * (1 - goal.eps):g}%")
+    png = pareto_png(result.curve, result.check, result.costs, title, hline=hline, vline=vline)
     with edit_bundle(root) as writer:
         assert writer.manifest is not None
         writer.replace_file(files[0], csv_data)

@@ -143,8 +143,14 @@ def pareto_png(
     chosen: OperatingPoint,
     costs: ExitCosts,
     title: str,
+    *,
+    hline: tuple[float, str] | None = None,
+    vline: tuple[float, str] | None = None,
 ) -> bytes:
-    """The accuracy-cost plot (checking part) and the chosen point's exit shares, as PNG bytes."""
+    """The accuracy-cost plot (checking part) and the chosen point's exit shares, as PNG bytes.
+
+    ``hline`` (quality in %, label) and ``vline`` (cost, label) draw the goal's bound.
+    """
     from edgeperceiver._optional import require
 
     mpl = require("matplotlib", purpose="the calibration report's plot")
@@ -167,6 +173,10 @@ def pareto_png(
         ax.scatter([p.check.cost], [100 * _quality(p.check)], marker="s", s=36, c="tab:green")
         ax.annotate(p.source, (p.check.cost, 100 * _quality(p.check)), textcoords="offset points", xytext=(4, -10),
                     fontsize=8)
+    if hline is not None:
+        ax.axhline(hline[0], ls="--", c="tab:red", lw=1, alpha=0.7, label=hline[1])
+    if vline is not None:
+        ax.axvline(vline[0], ls="--", c="tab:red", lw=1, alpha=0.7, label=vline[1])
     ax.scatter([chosen.cost], [100 * _quality(chosen)], marker="*", s=180, c="tab:red", zorder=5, label="chosen")
     ax.set_xlabel(f"mean cost per sample ({costs.unit})")
     ax.set_ylabel(ylabel)

@@ -123,7 +123,7 @@ def test_numpy_family_matches_the_table_to_a_few_ulps() -> None:
 
 @pytest.mark.parametrize("seed", range(6))
 def test_thresholds_and_figures_match_the_reference_on_random_logits(seed: int) -> None:
-    n = [37, 200, 513, 1000, 64, 333][seed]
+    n = [37, 200, 513, 700, 64, 333][seed]
     logits, y = _logits(n, seed)
     conf, preds = _confidence(logits)
     if seed == 4:
