@@ -477,9 +477,10 @@ def segment_sources(manifest: Manifest, precision: Precision) -> tuple[str, tupl
     if entry is None:
         raise TargetError(
             "TensorRT INT8 is built from the bundle's QDQ-quantized ONNX segments (explicit quantization; "
-            "TensorRT 11 has no implicit INT8 calibration), and this bundle has none. Quantize first: "
-            "edgeperceiver compile BUNDLE --target onnxruntime --precision int8 --calib-data DIR, then "
-            "compile for tensorrt --precision int8 again"
+            "TensorRT 11 has no implicit INT8 calibration), and this bundle has none. Quantize first, with "
+            "symmetric quantizers as TensorRT requires: edgeperceiver compile BUNDLE --target onnxruntime "
+            "--precision int8 --calib-data DIR --option preset=performance, then compile for tensorrt "
+            "--precision int8 again"
         )
     if any(not p.endswith(".onnx") for p in entry.segments):
         raise TargetError(f"the {_INT8_SOURCE} entry's segments are not ONNX files: {list(entry.segments)}")
@@ -635,6 +636,7 @@ def _compile(
         "build_log": f"{folder}/build.log",
         "log_counts": {k: v for k, v in log.counts().items() if k != "SECTION"},
     }
+    metadata["report"] = build_report(metadata, log)
     return TargetEntry(target=TargetName.TENSORRT, precision=precision, segments=tuple(engines), metadata=metadata)
 
 
@@ -647,8 +649,34 @@ def check_qdq_segments(writer: BundleWriter, paths: Sequence[str]) -> None:
             more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
             raise TargetError(
                 f"{rel} (segment {k}) has quantizers TensorRT cannot build: {'; '.join(problems[:3])}{more}. "
-                "Re-quantize with symmetric signed INT8 activations (e.g. QuantizeConfig(preset='performance'))"
+                "Re-quantize with symmetric signed INT8 quantizers: edgeperceiver compile BUNDLE --target "
+                "onnxruntime --precision int8 --calib-data DIR --option preset=performance (NNCF's default "
+                "'mixed' preset makes asymmetric activation quantizers)"
             )
+
+
+def build_report(metadata: Mapping[str, Any], log: BuildLog, *, max_messages: int = 8) -> str:
+    """A short human-readable summary of a build (printed by the CLI, kept in the manifest)."""
+    lines = [
+        f"TensorRT {metadata['tensorrt_version']} on {metadata['gpu_name']} (sm {metadata['compute_capability']}, "
+        f"{metadata.get('platform') or 'unknown platform'}): {metadata['precision']} engines, "
+        f"{metadata['typing']}ly typed, from {metadata['source']}",
+        f"batch profile 1 / {metadata['opt_batch']} / {metadata['max_batch']}; timing cache "
+        f"{metadata.get('timing_cache') or 'none'}; log {metadata['build_log']}",
+    ]
+    for k, (secs, fp32) in enumerate(zip(metadata["build_seconds"], metadata["fp32_layers"], strict=True), start=1):
+        inputs = ", ".join(f"{n}{v['max'][1:]}" for n, v in metadata["profiles"][k - 1].items())
+        extra = f", {fp32} layers pinned to fp32" if fp32 else ""
+        lines.append(f"  segment {k}: {secs:.1f} s{extra}; inputs {inputs}")
+    counts = metadata.get("log_counts") or {}
+    if counts:
+        lines.append("TensorRT messages: " + ", ".join(f"{n} {c}" for n, c in sorted(counts.items())))
+    shown = [(sev, msg) for sev, msg in log.records if sev in ("WARNING", "ERROR", "INTERNAL_ERROR")]
+    for sev, msg in shown[:max_messages]:
+        lines.append(f"  [{sev}] {msg[:200]}")
+    if len(shown) > max_messages:
+        lines.append(f"  ... {len(shown) - max_messages} more in {metadata['build_log']}")
+    return "\n".join(lines)
 
 
 def _initial_cache(writer: BundleWriter, bundle_rel: str, user_cache: Path | None) -> bytes:

@@ -470,3 +470,26 @@ def test_compile_int8_refuses_asymmetric_qdq_before_touching_tensorrt(tmp_path: 
     writer = BundleWriter(stage, _manifest({qdq.key: qdq}))
     with pytest.raises(TargetError, match=r"onnxruntime-int8/seg1.onnx \(segment 1\).*UINT8.*symmetric"):
         compile_target(writer, Precision.INT8, calib=None, options={})
+
+
+def test_build_report_summarises_the_build_and_its_log() -> None:
+    from targets.tensorrt import build_report
+
+    log = BuildLog()
+    log.mark("segment 1: segments/seg1.onnx")
+    for i in range(10):
+        log.add(2, f"warning {i}")
+    meta = {
+        **ORIN.to_metadata(), "precision": "fp16", "typing": "weak", "source": "segments", "opt_batch": 8,
+        "max_batch": 32, "timing_cache": "tensorrt-fp16/timing.cache", "build_log": "tensorrt-fp16/build.log",
+        "build_seconds": [12.5, 3.25], "fp32_layers": [40, 0],
+        "profiles": [{"x": {"min": [1, 3, 224, 224], "opt": [8, 3, 224, 224], "max": [32, 3, 224, 224]}},
+                     {"h": {"min": [1, 144], "opt": [8, 144], "max": [32, 144]}, "e1": {"min": [1, 10],
+                      "opt": [8, 10], "max": [32, 10]}}],
+        "log_counts": {"WARNING": 10},
+    }
+    text = build_report(meta, log, max_messages=3)
+    assert "TensorRT 10.3.0.30 on Orin (sm 8.7, L4T R36.3.0): fp16 engines, weakly typed" in text
+    assert "segment 1: 12.5 s, 40 layers pinned to fp32; inputs x[3, 224, 224]" in text
+    assert "segment 2: 3.2 s; inputs h[144], e1[10]" in text
+    assert "[WARNING] warning 2" in text and "warning 3" not in text and "7 more in tensorrt-fp16/build.log" in text
