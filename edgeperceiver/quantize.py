@@ -257,3 +257,18 @@ def qdq_segments(
                 f"(inputs {sorted(want[0])}, outputs {sorted(want[1])})"
             )
     return qmodel, segments
+
+
+def exit_agreement(
+    reference: Sequence[np.ndarray], quantized: Sequence[np.ndarray], exits: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Per exit: top-1 agreement and max |logit difference| of ``quantized`` vs ``reference``."""
+    rows = []
+    for k, (a, b) in enumerate(zip(reference, quantized, strict=True), start=1):
+        rows.append({
+            "exit": k,
+            "name": exits[k - 1],
+            "top1_agreement": round(float(np.mean(a.argmax(1) == b.argmax(1))), 4),
+            "max_abs_logit_diff": round(float(np.max(np.abs(a - b))), 5),
+        })
+    return rows

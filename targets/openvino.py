@@ -24,6 +24,8 @@ measured batch-1 latency (also the monolithic model's, and the cost of the cut).
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -38,7 +40,7 @@ import numpy as np
 from edgeperceiver._optional import require
 from edgeperceiver.bundle import BATCH, BundleWriter, Manifest, SegmentSpec, TargetEntry
 from edgeperceiver.errors import InputError, TargetError
-from edgeperceiver.quantize import QuantizeConfig, check_calibration, nncf_quantize
+from edgeperceiver.quantize import QuantizeConfig, check_calibration, exit_agreement, nncf_quantize
 from edgeperceiver.types import Precision, TargetName
 
 METHODS = ("qdq", "segment")
@@ -121,16 +123,19 @@ def compile_target(
     if opts.monolithic and mono_src is None and precision is not Precision.INT8:
         mono_src = _read(core, writer.dir / manifest.model_path)
 
+    # staged files may be hard links to the live bundle: drop the old artifacts (links only)
+    # and write every file as a new inode
+    shutil.rmtree(writer.dir / out_dir, ignore_errors=True)
     paths = []
     for spec, model in zip(manifest.segments, seg_models, strict=True):
         _check_interface(model, spec)
         rel = f"{out_dir}/seg{spec.index}.xml"
-        ov.save_model(model, str(writer.path(rel)), compress_to_fp16=False)
+        _save_ir(ov, model, writer, rel)
         paths.append(rel)
     mono_rel = None
     if opts.monolithic and mono_src is not None:
         mono_rel = f"{out_dir}/model.xml"
-        ov.save_model(mono_src, str(writer.path(mono_rel)), compress_to_fp16=False)
+        _save_ir(ov, mono_src, writer, mono_rel)
 
     report = _report(core, manifest, fp32_models, seg_models, mono_src, calib, hint, opts, log, precision)
     metadata.update(report)
@@ -205,13 +210,10 @@ def _report(
         images = calib[: opts.report_samples]
         ref = _Chain(core, fp32_models, manifest.segments, "f32", opts.threads).exits(images, manifest)
         got = _Chain(core, models, manifest.segments, hint, opts.threads).exits(images, manifest)
-        per_exit = []
-        for k, (a, b) in enumerate(zip(ref, got, strict=True), start=1):
-            agree = float(np.mean(a.argmax(1) == b.argmax(1)))
-            diff = float(np.max(np.abs(a - b)))
-            per_exit.append({"exit": k, "name": exits[k - 1], "top1_agreement": round(agree, 4),
-                             "max_abs_logit_diff": round(diff, 5)})
-            log(f"  exit {k} ({exits[k - 1]}): top-1 agreement with fp32 {agree:.2%}, max |logit diff| {diff:.4f}")
+        per_exit = exit_agreement(ref, got, exits)
+        for row in per_exit:
+            log(f"  exit {row['exit']} ({row['name']}): top-1 agreement with fp32 {row['top1_agreement']:.2%}, "
+                f"max |logit diff| {row['max_abs_logit_diff']:.4f}")
         out["agreement"] = {"images": int(images.shape[0]), "reference": "openvino-f32", "exits": per_exit}
     if opts.latency_runs > 0:
         seg_ms, mono_ms = measure_latency(core, models, manifest.segments, mono, manifest, hint,
@@ -324,6 +326,18 @@ def _reshaped(model: Any, spec: SegmentSpec, batch: int) -> Any:
     m = model.clone()
     m.reshape({t.name: [batch if d == BATCH else int(d) for d in t.shape] for t in spec.inputs})
     return m
+
+
+def _save_ir(ov: Any, model: Any, writer: BundleWriter, rel: str) -> None:
+    """Write ``rel`` (.xml) and its .bin as new files (FP32 weights), then move them into place."""
+    dest = writer.path(rel)
+    tmp = Path(tempfile.mkdtemp(prefix=".ir-", dir=dest.parent))
+    try:
+        ov.save_model(model, str(tmp / dest.name), compress_to_fp16=False)
+        for p in tmp.iterdir():
+            os.replace(p, dest.parent / p.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read(core: Any, path: Path) -> Any:

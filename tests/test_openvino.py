@@ -1,0 +1,203 @@
+"""OpenVINO target (compile) and runtime backend, on the small hand-made toy bundle."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+
+from bundles import make_toy_bundle, toy_inputs  # noqa: E402
+
+from edgeperceiver.bundle import Bundle, Thresholds  # noqa: E402
+from edgeperceiver.errors import InputError, TargetError  # noqa: E402
+from edgeperceiver.runtime.openvino import OpenVINOBackend, inference_precision_hint  # noqa: E402
+from edgeperceiver.runtime.runner import load  # noqa: E402
+from edgeperceiver.types import Criterion, Precision, TargetName  # noqa: E402
+from targets import compile_bundle  # noqa: E402
+
+SIZE, WIDTH = 16, 8
+FAST = {"latency_runs": 3, "report_samples": 16, "threads": 1}
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A toy bundle compiled for OpenVINO fp32, bf16 and int8."""
+    root = make_toy_bundle(tmp_path_factory.mktemp("ov") / "toy", size=SIZE, width=WIDTH)
+    calib = toy_inputs(48, size=SIZE, seed=3)
+    for p in (Precision.FP32, Precision.BF16, Precision.INT8):
+        compile_bundle(root, TargetName.OPENVINO, p, calib_data=calib, options=FAST)
+    return root
+
+
+def test_entries_record_pinned_precision_and_report(compiled: Path) -> None:
+    m = Bundle.open(compiled).manifest
+    assert m.target("openvino-fp32").metadata["inference_precision"] == "f32"
+    assert m.target("openvino-bf16").metadata["inference_precision"] == "bf16"
+    int8 = m.target("openvino-int8")
+    assert int8.metadata["inference_precision"] == "f32"
+    assert int8.metadata["method"] == "qdq"
+    rows = int8.metadata["agreement"]["exits"]
+    assert [r["exit"] for r in rows] == [1, 2, 3]
+    assert all(0.0 <= r["top1_agreement"] <= 1.0 and r["max_abs_logit_diff"] > 0 for r in rows)
+    assert len(int8.latency_ms) == 3 and all(b >= a > 0 for a, b in zip(int8.latency_ms, int8.latency_ms[1:]))
+    assert len(int8.metadata["segment_ms"]) == 3 and int8.metadata["monolithic_ms"] > 0
+    for key in ("openvino-fp32", "openvino-bf16", "openvino-int8"):
+        entry = m.target(key)
+        assert entry.segments == tuple(f"{key}/seg{k}.xml" for k in (1, 2, 3))
+        for rel in entry.segments:
+            assert rel.replace(".xml", ".bin") in m.files  # weights are checksummed too
+
+
+def test_fp32_matches_onnx_chain_and_int8_stays_close(compiled: Path) -> None:
+    x = toy_inputs(7, size=SIZE, seed=11)
+    ref = load(compiled).all_exits(x)
+    fp32 = load(compiled, "openvino-fp32", threads=1).all_exits(x)
+    bf16 = load(compiled, "openvino-bf16", threads=1).all_exits(x)
+    int8 = load(compiled, "openvino-int8", threads=1).all_exits(x)
+    for r, a, b, q in zip(ref, fp32, bf16, int8, strict=True):
+        scale = float(np.abs(r).max())
+        np.testing.assert_allclose(a, r, atol=1e-4 * max(1.0, scale))
+        assert float(np.abs(b - r).max()) < 0.05 * scale  # bf16 really ran: not bit-equal, but close
+        assert float(np.abs(q - r).max()) < 0.25 * scale
+    assert any(float(np.abs(b - r).max()) > 1e-5 for b, r in zip(bf16, ref, strict=True))
+
+
+def test_int8_early_exit_per_sample_equals_running_alone(compiled: Path) -> None:
+    runner = load(compiled, "openvino-int8", threads=1)
+    x = toy_inputs(9, size=SIZE, seed=12)
+    probs = runner.all_exits(x)
+    # a threshold between the samples' exit-1 confidences, so some leave early and some do not
+    e = np.exp(probs[0] - probs[0].max(1, keepdims=True))
+    conf1 = np.sort(e.max(1) / e.sum(1))
+    th = Thresholds(Criterion.MAX_SOFTMAX, (float(conf1[len(conf1) // 2]), 0.0, None))
+    batch = runner.predict(x, thresholds=th)
+    assert len(set(batch.exits.tolist())) > 1
+    for i in range(len(x)):
+        alone = runner.predict(x[i : i + 1], thresholds=th)
+        assert alone.exits[0] == batch.exits[i]
+        assert alone.labels[0] == batch.labels[i]
+        np.testing.assert_allclose(alone.confidences[0], batch.confidences[i], atol=1e-5)
+
+
+def test_session_compiles_one_static_model_per_batch_size_and_is_thread_safe(compiled: Path) -> None:
+    b = Bundle.open(compiled)
+    entry = b.manifest.target("openvino-fp32")
+    backend = OpenVINOBackend(threads=1)
+    seg = b.manifest.segments[0]
+    sess = backend.open(b, entry, seg)
+    x = toy_inputs(5, size=SIZE, seed=2)
+    full = sess.run({seg.inputs[0].name: x})
+    one = sess.run({seg.inputs[0].name: x[:3]})
+    assert sorted(sess._compiled) == [3, 5]
+    for cm in sess._compiled.values():  # static shapes, pinned precision
+        assert cm.input(0).get_partial_shape().is_static
+        assert str(cm.get_property("INFERENCE_PRECISION_HINT")) in ("f32", "<Type: 'float32'>", "float32")
+    np.testing.assert_allclose(one["e1"], full["e1"][:3], atol=1e-5)
+
+    results: list[np.ndarray] = []
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(5):
+                results.append(sess.run({seg.inputs[0].name: x})["e1"])
+        except BaseException as exc:  # collect to fail in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(results) == 20
+    for r in results:
+        np.testing.assert_array_equal(r, full["e1"])
+
+
+def test_throughput_hint_splits_batches_asynchronously(compiled: Path) -> None:
+    x = toy_inputs(11, size=SIZE, seed=4)
+    lat = load(compiled, "openvino-fp32", threads=1).all_exits(x)
+    thr = load(compiled, "openvino-fp32", hint="THROUGHPUT").all_exits(x)
+    for a, b in zip(lat, thr, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_cache_dir_is_filled(compiled: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "ovcache"
+    runner = load(compiled, "openvino-fp32", cache_dir=cache, threads=1)
+    runner.all_exits(toy_inputs(2, size=SIZE))
+    assert any(cache.iterdir())
+
+
+def test_bad_options_are_input_errors(compiled: Path) -> None:
+    with pytest.raises(InputError, match="hint"):
+        OpenVINOBackend(hint="FASTEST")
+    with pytest.raises(InputError, match="threads"):
+        OpenVINOBackend(threads=0)
+    with pytest.raises(InputError, match="unknown OpenVINO option"):
+        compile_bundle(compiled, TargetName.OPENVINO, Precision.FP32, options={"turbo": True})
+    with pytest.raises(InputError, match="method"):
+        compile_bundle(compiled, TargetName.OPENVINO, Precision.INT8, calib_data=toy_inputs(4, size=SIZE),
+                       options={"method": "magic"})
+    with pytest.raises(InputError, match="calibration"):
+        compile_bundle(compiled, TargetName.OPENVINO, Precision.INT8,
+                       calib_data=np.full((4, 3, SIZE, SIZE), np.nan, np.float32))
+    with pytest.raises(InputError):
+        compile_bundle(compiled, TargetName.OPENVINO, Precision.FP16)
+    assert inference_precision_hint(Precision.INT8) == "f32"
+    assert inference_precision_hint("bf16") == "bf16"
+
+
+def test_session_rejects_wrong_inputs(compiled: Path) -> None:
+    b = Bundle.open(compiled)
+    sess = OpenVINOBackend(threads=1).open(b, b.manifest.target("openvino-fp32"), b.manifest.segments[1])
+    with pytest.raises(InputError, match="needs inputs"):
+        sess.run({"h1": np.zeros((1, WIDTH, SIZE, SIZE), np.float32)})
+    with pytest.raises(InputError, match="shape"):
+        sess.run({"h1": np.zeros((1, WIDTH, SIZE, SIZE + 1), np.float32), "e1": np.zeros((1, 5), np.float32)})
+    with pytest.raises(InputError, match="batch"):
+        sess.run({"h1": np.zeros((2, WIDTH, SIZE, SIZE), np.float32), "e1": np.zeros((1, 5), np.float32)})
+
+
+def test_failed_compile_leaves_bundle_byte_identical(
+    compiled: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import targets.openvino as tov
+
+    before = _tree_digest(compiled)
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise TargetError("simulated failure after the IR files were written")
+
+    monkeypatch.setattr(tov, "_report", boom)
+    with pytest.raises(TargetError, match="simulated"):
+        compile_bundle(compiled, TargetName.OPENVINO, Precision.INT8, calib_data=toy_inputs(8, size=SIZE),
+                       options=FAST)
+    assert _tree_digest(compiled) == before
+    assert not [p for p in compiled.parent.iterdir() if p.name.startswith(f".{compiled.name}.")]
+
+
+def test_per_segment_method_runs_and_reports(tmp_path: Path) -> None:
+    root = make_toy_bundle(tmp_path / "toy", size=SIZE, width=WIDTH)
+    entry = compile_bundle(root, TargetName.OPENVINO, Precision.INT8, calib_data=toy_inputs(32, size=SIZE, seed=5),
+                           options={**FAST, "method": "segment"})
+    assert entry.metadata["method"] == "segment"
+    x = toy_inputs(6, size=SIZE, seed=6)
+    ref = load(root).all_exits(x)
+    got = load(root, "openvino-int8", threads=1).all_exits(x)
+    for r, q in zip(ref, got, strict=True):
+        assert float(np.abs(q - r).max()) < 0.25 * float(np.abs(r).max())
