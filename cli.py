@@ -62,7 +62,8 @@ def models(
     input_size: Annotated[int | None, typer.Option(help="Input size for the FLOPs count.")] = None,
 ) -> None:
     """List the model zoo, or summarise one model."""
-    from edgeperceiver.models import list_models, summarize
+    from edgeperceiver.models import list_models
+    from edgeperceiver.summary import summarize
 
     if name is None:
         for n in list_models():
@@ -250,19 +251,14 @@ def demo(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: run the app and map the error family to exit codes."""
-    import click
-
+    """Console entry point: run the app and map the error family to exit codes, in one place."""
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv)
     except EdgePerceiverError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         return exc.exit_code
-    except click.exceptions.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        typer.echo("aborted", err=True)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
         return 130
     return 0
 
