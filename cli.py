@@ -207,9 +207,8 @@ def run(
     thresholds: Annotated[str | None, typer.Option(help="Override thresholds, e.g. 0.9,0.8,0.7,0.")] = None,
 ) -> None:
     """Classify images with early exit; prints file, label, class, exit and confidence."""
-    from edgeperceiver.runtime.cli_support import render_rows, run_inputs
-
     from edgeperceiver.runtime import load
+    from edgeperceiver.runtime.cli_support import render_rows, run_inputs
 
     runner = load(bundle, target)
     rows = run_inputs(runner, inputs, batch_size=batch_size, thresholds=_floats(thresholds, "--thresholds"))
