@@ -393,13 +393,18 @@ class TensorRTBackend:
 
     ``device``: CUDA ordinal. ``max_batch``: cap the batch the sessions allocate for
     (default: each engine's profile maximum). ``strict_device``: refuse engines built on
-    another GPU model of the same compute capability.
+    another GPU model of the same compute capability. ``synchronous``: ``Session.run``
+    waits for the GPU before returning (so timing a ``run`` measures the work, not only its
+    enqueue; the runner needs each exit's logits right away anyway); ``False`` leaves the
+    stream running until the next ``to_host``.
     """
 
     name = "tensorrt"
     thread_safe = False  #: the runner serialises each segment's session
 
-    def __init__(self, *, device: int = 0, max_batch: int | None = None, strict_device: bool = True) -> None:
+    def __init__(
+        self, *, device: int = 0, max_batch: int | None = None, strict_device: bool = True, synchronous: bool = True
+    ) -> None:
         if isinstance(device, bool) or not isinstance(device, int) or device < 0:
             raise InputError(f"device must be a CUDA ordinal (0, 1, ...), not {device!r}")
         if max_batch is not None and (isinstance(max_batch, bool) or int(max_batch) < 1):
@@ -407,6 +412,7 @@ class TensorRTBackend:
         self.device = device
         self.max_batch = None if max_batch is None else int(max_batch)
         self.strict_device = bool(strict_device)
+        self.synchronous = bool(synchronous)
         trt_mod = import_tensorrt()
         self._cuda = import_cuda()
         try:
@@ -607,6 +613,8 @@ class TensorRTSession:
         if not ctx.execute_async_v3(self.backend.stream.handle):
             raise TargetError(f"TensorRT failed to enqueue segment {self.segment.index}: "
                               + "; ".join(self.backend.log.errors()[-3:]))
+        if self.backend.synchronous:
+            self.backend.stream.synchronize()
         return out
 
     def _input_pointer(self, b: _Binding, value: Any, n: int) -> int:
