@@ -147,3 +147,28 @@ def test_set_thresholds_by_hand(toy: tuple[Path, Path, np.ndarray]) -> None:
         cal.set_thresholds(bundle, [None, None, None])
     with pytest.raises(InputError, match="neither a number"):
         cal.set_thresholds(bundle, "0.5,maybe,0")
+
+
+@pytest.mark.slow
+def test_int8_is_calibrated_on_its_own_outputs(toy: tuple[Path, Path, np.ndarray]) -> None:
+    """compile INT8 with the held-out loader as calibration data, then calibrate on that precision."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from calibration.collect import collect
+    from edgeperceiver.types import Precision, TargetName
+    from targets import compile_bundle
+
+    bundle, data, _ = toy
+    entry = compile_bundle(bundle, TargetName.OPENVINO, Precision.INT8, calib_data=data, calib_samples=100)
+    ds = cal.load_dataset(data, Bundle.open(bundle).manifest.preprocess)
+    b = Bundle.open(bundle)
+    int8 = collect(b, ds, target=entry.key)
+    fp32 = collect(b, ds, target=None)
+    assert int8.target == "openvino-int8" and fp32.target == "onnxruntime-fp32"
+    # the INT8 engine's confidences are its own, not the fp32 ones
+    assert not np.allclose(int8.scores[Criterion.MAX_SOFTMAX], fp32.scores[Criterion.MAX_SOFTMAX], atol=1e-4)
+    result = cal.calibrate(bundle, data, target="openvino-int8", goal=cal.MaxDrop(1.0))
+    assert result.costs.unit == "ms" and result.costs.values == entry.latency_ms
+    after = Bundle.open(bundle).manifest
+    assert after.target("openvino-int8").thresholds == result.thresholds
+    assert after.target(None).thresholds is None  # only the calibrated target changed
