@@ -16,6 +16,7 @@ from .collect import ExitRecord, collect
 from .data import Dataset, load_dataset, split_fit_check, stratified_subset
 from .goals import Budget, ExitCosts, Goal, MaxDrop, PaperMix, Risk, exit_costs
 from .policies import OperatingPoint, evaluate
+from .report import TextProgress
 from .risk import Bound, RiskLoss
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "PaperMix",
     "Risk",
     "RiskLoss",
+    "TextProgress",
     "calibrate",
     "choose",
     "collect",

@@ -172,3 +172,16 @@ def test_int8_is_calibrated_on_its_own_outputs(toy: tuple[Path, Path, np.ndarray
     after = Bundle.open(bundle).manifest
     assert after.target("openvino-int8").thresholds == result.thresholds
     assert after.target(None).thresholds is None  # only the calibrated target changed
+
+
+def test_text_progress_draws_one_bar_per_stage() -> None:
+    import io
+
+    out = io.StringIO()
+    bar = cal.TextProgress(out, width=10)
+    for i in range(3):
+        bar("read", i, 2)
+    bar("run", 1, 1)
+    lines = out.getvalue().split("\n")
+    assert lines[0].endswith("[##########] 2/2") and "reading held-out data" in lines[0]
+    assert lines[1].endswith("[##########] 1/1") and "running every exit" in lines[1]
