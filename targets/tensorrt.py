@@ -577,7 +577,7 @@ def _compile(
     if major >= 11 and not strongly:
         raise InputError("TensorRT 11 builds strongly typed networks only; drop --option strongly_typed=false")
 
-    onnx_mod = _onnx()
+    onnx_mod = _onnx() if precision is Precision.FP16 else None  # fp32/int8 builds need no onnx here
 
     folder = f"tensorrt-{precision.value}"
     log = BuildLog(min_severity=3 if opts.verbose else 2)
@@ -595,7 +595,7 @@ def _compile(
             log.mark(f"segment {seg.index}: {rel}")
             onnx_path = writer.path(rel)
             islands: frozenset[str] = frozenset()
-            if precision is Precision.FP16:
+            if onnx_mod is not None:
                 model = onnx_mod.load(str(onnx_path))
                 if strongly:
                     cast_model, report = cast_to_fp16(model)
