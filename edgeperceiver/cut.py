@@ -251,14 +251,13 @@ def tensor_specs(
     Every boundary tensor must carry the batch on axis 0 (the runtime compacts along it);
     otherwise :class:`ExportError`.
     """
-    from .onnx_utils import probe, random_input
+    from .onnx_utils import probe_many, random_input
 
-    runs = []
     wanted = [n for n in names if n != input_name]
-    for b in batches:
-        x = random_input((b, *[int(d) for d in input_shape[1:]]), seed=seed, dtype=dtype)
-        values, _ = probe(model, {input_name: x}, tensors=wanted, threads=threads)
-        runs.append(values)
+    feeds = [
+        {input_name: random_input((b, *[int(d) for d in input_shape[1:]]), seed=seed, dtype=dtype)} for b in batches
+    ]
+    runs = [values for values, _ in probe_many(model, feeds, tensors=wanted, threads=threads)]
     specs = {input_name: TensorSpec(input_name, dtype, (BATCH, *[int(d) for d in input_shape[1:]]))}
     for n in wanted:
         shapes = [r[n].shape for r in runs]

@@ -257,10 +257,11 @@ def export_module(
     chw = _check_shape(input_shape)
     _check_verify(verify_batch, opset)
     module.eval()
-    probe_x = torch.from_numpy(random_input((2, *chw), seed=seed))
+    # the verification batch doubles as the tracing input (batch >= 2: nothing specialises on 1)
+    first_np = random_input((max(2, verify_batch), *chw), seed=seed)
+    probe_x = torch.from_numpy(first_np)
     with torch.no_grad():
-        outs = module(probe_x)
-    outs = _exit_tensors(outs, torch)
+        outs = _exit_tensors(module(probe_x), torch)
     names = tuple(exit_names if exit_names is not None else getattr(module, "exit_names", None) or
                   [f"exit{k}" for k in range(1, len(outs) + 1)])
     if len(names) != len(outs):
@@ -268,7 +269,11 @@ def export_module(
     if len(set(names)) != len(names) or INPUT_NAME in names:
         raise InputError(f"exit names must be distinct and not {INPUT_NAME!r}: {list(names)}")
 
+    first = {n: t.detach().cpu().numpy() for n, t in zip(names, outs, strict=True)}
+
     def reference(x: np.ndarray) -> dict[str, np.ndarray]:
+        if x.shape == first_np.shape and np.array_equal(x, first_np):
+            return first  # the forward above ran on this very batch
         with torch.no_grad():
             got = _exit_tensors(module(torch.from_numpy(x)), torch)
         return {n: t.detach().cpu().numpy() for n, t in zip(names, got, strict=True)}

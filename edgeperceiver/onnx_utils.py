@@ -164,6 +164,22 @@ def probe(
     The model is copied with the requested intermediate tensors (and a ``Shape`` node per
     tensor in ``shapes_of``) added as outputs, so nothing large is returned for shapes.
     """
+    return probe_many(model, [feeds], tensors=tensors, shapes_of=shapes_of, threads=threads)[0]
+
+
+def probe_many(
+    model: onnx.ModelProto,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    *,
+    tensors: Iterable[str] = (),
+    shapes_of: Iterable[str] = (),
+    threads: int | None = None,
+) -> list[tuple[dict[str, np.ndarray], dict[str, tuple[int, ...]]]]:
+    """:func:`probe` for several feeds (e.g. batch sizes) with one ONNX Runtime session.
+
+    The session runs without graph optimizations: probing wants values, and building an
+    optimized session of a large model costs more than the few unoptimized runs.
+    """
     onnx = _onnx()
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -182,15 +198,18 @@ def probe(
         shape_out[t] = out
     # value_info entries would pin the symbolic dims of the probed tensors; ORT does not need them
     del g.value_info[:]
-    sess = ort_session(m, threads=threads)
+    sess = ort_session(m, threads=threads, optimize=False)
     names = [o.name for o in sess.get_outputs()]
-    try:
-        got = dict(zip(names, sess.run(names, dict(feeds)), strict=True))
-    except Exception as exc:  # onnxruntime's own exception classes
-        raise ExportError(f"ONNX Runtime failed to run the model: {exc}") from exc
-    values = {t: got[t] for t in want}
-    shapes = {t: tuple(int(d) for d in got[o]) for t, o in shape_out.items()}
-    return values, shapes
+    results = []
+    for feed in feeds:
+        try:
+            got = dict(zip(names, sess.run(names, dict(feed)), strict=True))
+        except Exception as exc:  # onnxruntime's own exception classes
+            raise ExportError(f"ONNX Runtime failed to run the model: {exc}") from exc
+        values = {t: got[t] for t in want}
+        shapes = {t: tuple(int(d) for d in got[o]) for t, o in shape_out.items()}
+        results.append((values, shapes))
+    return results
 
 
 def random_input(shape: Sequence[int], *, seed: int = 0, dtype: str = "float32") -> np.ndarray:
@@ -307,10 +326,11 @@ def fold_static_shapes(
     in_name, in_dtype, in_shape = input_info(m)
     shape_targets = [n.output[0] for n in reshapes] + [n.input[0] for n in reshapes]
     shape_targets += [n.output[0] for n in expands] + [n.input[0] for n in expands]
-    runs = []
-    for b in probe_batches:
-        x = random_input((b, *in_shape[1:]), seed=seed, dtype=in_dtype)  # type: ignore[arg-type]
-        runs.append(probe(m, {in_name: x}, tensors=candidates, shapes_of=shape_targets, threads=threads))
+    feeds = [
+        {in_name: random_input((b, *in_shape[1:]), seed=seed, dtype=in_dtype)}  # type: ignore[arg-type]
+        for b in probe_batches
+    ]
+    runs = probe_many(m, feeds, tensors=candidates, shapes_of=shape_targets, threads=threads)
 
     # 1. values that do not change with the batch size become initializers
     constant: dict[str, np.ndarray] = {}
