@@ -12,14 +12,16 @@ import pytest
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
-from bundles import make_toy_bundle, toy_inputs  # noqa: E402
+import itertools
 
-from edgeperceiver.bundle import Bundle, Thresholds  # noqa: E402
-from edgeperceiver.errors import InputError, TargetError  # noqa: E402
-from edgeperceiver.runtime.openvino import OpenVINOBackend, inference_precision_hint  # noqa: E402
-from edgeperceiver.runtime.runner import load  # noqa: E402
-from edgeperceiver.types import Criterion, Precision, TargetName  # noqa: E402
-from targets import compile_bundle  # noqa: E402
+from bundles import make_toy_bundle, toy_inputs
+
+from edgeperceiver.bundle import Bundle, Thresholds
+from edgeperceiver.errors import InputError, TargetError
+from edgeperceiver.runtime.openvino import OpenVINOBackend, inference_precision_hint
+from edgeperceiver.runtime.runner import load
+from edgeperceiver.types import Criterion, Precision, TargetName
+from targets import compile_bundle
 
 SIZE, WIDTH = 16, 8
 FAST = {"latency_runs": 3, "report_samples": 16, "threads": 1}
@@ -52,7 +54,8 @@ def test_entries_record_pinned_precision_and_report(compiled: Path) -> None:
     rows = int8.metadata["agreement"]["exits"]
     assert [r["exit"] for r in rows] == [1, 2, 3]
     assert all(0.0 <= r["top1_agreement"] <= 1.0 and r["max_abs_logit_diff"] > 0 for r in rows)
-    assert len(int8.latency_ms) == 3 and all(b >= a > 0 for a, b in zip(int8.latency_ms, int8.latency_ms[1:]))
+    lat = int8.latency_ms
+    assert len(lat) == 3 and all(b >= a > 0 for a, b in itertools.pairwise(lat))
     assert len(int8.metadata["segment_ms"]) == 3 and int8.metadata["monolithic_ms"] > 0
     for key in ("openvino-fp32", "openvino-bf16", "openvino-int8"):
         entry = m.target(key)

@@ -1,0 +1,53 @@
+"""ONNX Runtime target: fp32 = the raw segments, int8 = the shared QDQ graph, cut."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("nncf")
+
+from bundles import make_toy_bundle, toy_inputs
+
+from edgeperceiver.bundle import Bundle
+from edgeperceiver.errors import InputError
+from edgeperceiver.quantize import quantized_op_count
+from edgeperceiver.runtime.runner import load
+from edgeperceiver.types import Precision, TargetName
+from targets import compile_bundle
+
+SIZE, WIDTH = 16, 8
+FAST = {"latency_runs": 3, "report_samples": 16, "threads": 1}
+
+
+def test_fp32_and_int8_entries(tmp_path: Path) -> None:
+    import onnx
+
+    root = make_toy_bundle(tmp_path / "toy", size=SIZE, width=WIDTH)
+    raw = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (root / "segments").iterdir()}
+    fp32 = compile_bundle(root, TargetName.ONNXRUNTIME, Precision.FP32, options=FAST)
+    assert fp32.segments == tuple(s.path for s in Bundle.open(root).manifest.segments)
+    assert len(fp32.latency_ms) == 3 and fp32.metadata["segment_ms"]
+    int8 = compile_bundle(root, TargetName.ONNXRUNTIME, Precision.INT8,
+                          calib_data=toy_inputs(32, size=SIZE, seed=3), options=FAST)
+    b = Bundle.open(root)
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (root / "segments").iterdir()} == raw
+    assert int8.segments == tuple(f"onnxruntime-int8/seg{k}.onnx" for k in (1, 2, 3))
+    assert int8.monolithic == "onnxruntime-int8/model.onnx"
+    for rel in int8.segments:
+        assert quantized_op_count(onnx.load(str(b.path(rel)))) > 0
+    rows = int8.metadata["agreement"]["exits"]
+    assert len(rows) == 3 and all(r["max_abs_logit_diff"] > 0 for r in rows)
+
+    x = toy_inputs(6, size=SIZE, seed=4)
+    ref = load(b).all_exits(x)
+    got = load(b, "onnxruntime-int8", threads=1).all_exits(x)
+    for r, q in zip(ref, got, strict=True):
+        assert not np.array_equal(r, q)
+        assert float(np.abs(q - r).max()) < 0.25 * float(np.abs(r).max())
+    with pytest.raises(InputError, match="unknown ONNX Runtime option"):
+        compile_bundle(root, TargetName.ONNXRUNTIME, Precision.FP32, options={"turbo": 1})
