@@ -162,15 +162,22 @@ def collect(
 
     runner = load(bundle, entry.key, batch_size=batch_size)
     n = len(data)
-    parts: list[list[np.ndarray]] = [[] for _ in range(runner.num_exits)]
+    if n == 0:
+        raise CalibrationError("no held-out samples to run")
+    # reduce each batch at once (argmax + scores): the logits of a large set need not fit in memory
+    parts: list[ExitRecord] = []
     for start in range(0, n, batch_size):
         outs = runner.all_exits(data.x[start : start + batch_size])
-        for k, z in enumerate(outs):
-            parts[k].append(np.asarray(z, dtype=np.float32))
+        parts.append(ExitRecord.from_logits(outs, None, entry.key))
         if progress is not None:
             progress(min(start + batch_size, n), n)
-    logits = [np.concatenate(p) for p in parts]
-    record = ExitRecord.from_logits(logits, data.y, entry.key)
+    record = ExitRecord(
+        preds=np.concatenate([p.preds for p in parts], axis=1),
+        scores={c: np.concatenate([p.scores[c] for p in parts], axis=1) for c in Criterion},
+        labels=None if data.y is None else np.asarray(data.y, dtype=np.int64),
+        num_classes=parts[0].num_classes,
+        target=entry.key,
+    )
     if cache:
         # a read-only cache is no reason to fail; the record is still returned
         with contextlib.suppress(OSError):
