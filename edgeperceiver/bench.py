@@ -154,6 +154,7 @@ class BenchReport:
     thresholds: tuple[float | None, ...] | None = None
     data_samples: int = 0
     data_exit_share: tuple[float, ...] | None = None  #: share of data samples leaving at each exit
+    extra_ms: Mapping[str, float] = field(default_factory=dict)  #: medians of ``extra_jobs``, by name
     info: Mapping[str, Any] = field(default_factory=dict)
 
     def batch(self, n: int) -> BatchResult:
@@ -265,6 +266,7 @@ def bench(
     mix_round: int = 20,
     progress: Progress | None = None,
     seed: int = 0,
+    extra_jobs: Callable[[Runner], Mapping[str, Callable[[], object]]] | None = None,
     **backend_options: Any,
 ) -> BenchReport:
     """Measure segment, per-exit, monolithic, exit-mix and threshold latency on ``target``.
@@ -273,7 +275,8 @@ def bench(
     batch 1 each timed call is a round of ``mix_round`` single samples following a
     seeded schedule. ``data`` (an (N, C, H, W) array, an image directory or an
     ``.npy``/``.npz``; at most ``data_limit`` samples) measures latency under the
-    bundle's thresholds.
+    bundle's thresholds. ``extra_jobs(runner)`` may add more callables (e.g. other engines
+    on the same model) to the same interleaved loop; their medians land in ``extra_ms``.
     """
     sizes = tuple(int(b) for b in batch_sizes)
     if not sizes or any(b < 1 for b in sizes):
@@ -326,6 +329,11 @@ def bench(
 
             jobs[f"data@{b}"] = run_data
 
+    extra = dict(extra_jobs(runner)) if extra_jobs is not None else {}
+    clash = sorted(set(extra) & set(jobs))
+    if clash:
+        raise InputError(f"extra jobs reuse built-in names: {clash}")
+    jobs.update(extra)
     times = interleaved(jobs, repeats=repeats, warmup=warmup, progress=progress, seed=seed)
 
     data_exits = None if xdata is None else runner.predict(xdata).exits
@@ -365,5 +373,6 @@ def bench(
         thresholds=None if th is None else th.values,
         data_samples=0 if xdata is None else int(xdata.shape[0]),
         data_exit_share=share,
+        extra_ms={n: median_ms(times[n]) for n in extra},
         info={"criterion": runner.criterion.value, "mix_round": mix_round, "seed": seed},
     )
