@@ -7,6 +7,10 @@ itself: it only asks the backend to ``take`` rows (compaction of surviving sampl
 to bring exit logits back with ``to_host``.
 
 Standard library + numpy only; a backend module imports its engine lazily.
+
+Concurrency: a backend whose sessions may ``run`` from several threads at once sets the
+class attribute ``thread_safe = True``; without it the runner serialises the calls to
+each session with a lock.
 """
 
 from __future__ import annotations
