@@ -126,6 +126,16 @@ class BatchResult:
         return self.cumulative_ms[-1] / self.monolithic_ms
 
     @property
+    def segments_sum_ms(self) -> float:
+        """Sum of the segments timed alone (the engine's share of the chained latency)."""
+        return float(sum(self.segment_ms))
+
+    @property
+    def runtime_overhead_ms(self) -> float | None:
+        """Chained latency through the runtime minus the segments alone (bookkeeping, copies)."""
+        return self.cumulative_ms[-1] - self.segments_sum_ms if self.cumulative_ms else None
+
+    @property
     def mix_ratio(self) -> float | None:
         if self.mix_ideal_ms is None or self.mix_measured_ms is None:
             return None
@@ -166,7 +176,8 @@ class BenchReport:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         for b, row in zip(self.batches, d["batches"], strict=True):
-            row.update(cut_price=b.cut_price, mix_ratio=b.mix_ratio, thresholds_ratio=b.thresholds_ratio)
+            row.update(cut_price=b.cut_price, mix_ratio=b.mix_ratio, thresholds_ratio=b.thresholds_ratio,
+                       segments_sum_ms=b.segments_sum_ms, runtime_overhead_ms=b.runtime_overhead_ms)
         return d
 
     def to_json(self) -> str:
@@ -188,6 +199,8 @@ class BenchReport:
             rows.append((f"segment {i + 1} alone (ms)", [ms(b.segment_ms[i]) for b in self.batches]))
         for i in range(k):
             rows.append((f"to exit {i + 1} {self.exits[i]} (ms)", [ms(b.cumulative_ms[i]) for b in self.batches]))
+        rows.append(("sum of segments alone (ms)", [ms(b.segments_sum_ms) for b in self.batches]))
+        rows.append(("runtime overhead (ms)", [ms(b.runtime_overhead_ms) for b in self.batches]))
         rows.append(("monolithic model (ms)", [ms(b.monolithic_ms) for b in self.batches]))
         rows.append(("chained / monolithic", [ratio(b.cut_price) for b in self.batches]))
         if self.exit_mix is not None:
