@@ -47,16 +47,17 @@ def compile_bundle(
 ) -> TargetEntry:
     """Compile every segment of ``bundle`` for ``target`` at ``precision``, atomically.
 
-    ``calib_data`` (INT8 only): an ImageFolder/image directory, a ``.npz`` with ``x``, or an
-    (N, C, H, W) float32 array of preprocessed images; ``calib_samples`` caps how many are used.
-    The bundle is untouched unless compilation succeeds.
+    ``calib_data``: an ImageFolder/image directory, a ``.npz`` with ``x``, or an (N, C, H, W)
+    float32 array of preprocessed images; ``calib_samples`` caps how many are used. Targets that
+    quantize (OpenVINO and ONNX Runtime INT8) require it; TensorRT INT8 reads the scales from the
+    QDQ graph. The bundle is untouched unless compilation succeeds.
     """
     if precision not in SUPPORTED[target]:
         have = ", ".join(p.value for p in SUPPORTED[target])
         raise InputError(f"target {target.value} does not support precision {precision.value} (supported: {have})")
     compile_target = _compiler(target)
     with edit_bundle(bundle) as writer:
-        calib = _calibration_inputs(writer, calib_data, calib_samples) if precision is Precision.INT8 else None
+        calib = None if calib_data is None else _calibration_inputs(writer, calib_data, calib_samples)
         entry = compile_target(writer, precision, calib=calib, options=dict(options or {}))
         assert writer.manifest is not None
         writer.manifest = writer.manifest.with_target(entry)
@@ -64,10 +65,8 @@ def compile_bundle(
 
 
 def _calibration_inputs(
-    writer: BundleWriter, data: str | os.PathLike[str] | np.ndarray | None, limit: int
+    writer: BundleWriter, data: str | os.PathLike[str] | np.ndarray, limit: int
 ) -> np.ndarray:
-    if data is None:
-        raise InputError("INT8 needs calibration images: pass --calib-data DIR|file.npz (real images, ~300)")
     if isinstance(data, np.ndarray):
         return np.ascontiguousarray(data[:limit], dtype=np.float32)
     from calibration.data import load_dataset
