@@ -380,3 +380,21 @@ def test_threads_give_the_same_answers(toy: Path, x: np.ndarray, unsafe: bool) -
         np.testing.assert_array_equal(w.scores, g.scores)  # type: ignore[attr-defined]
     if unsafe:
         assert backend.overlaps == 0
+
+
+def test_command_main_prints_rows_and_maps_errors(
+    tmp_path: Path, toy: Path, x: np.ndarray, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edgeperceiver.runtime.command import main
+
+    np.save(tmp_path / "x.npy", x[:3])
+    assert main([str(toy), str(tmp_path / "x.npy"), "--thresholds", "0,none,none", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "3 sample(s); exit 1: 3" in out
+    assert main([str(toy), str(tmp_path / "x.npy"), "--json", "--batch-size", "2"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["exit"] for r in rows] == [3, 3, 3]
+    assert main([str(toy), str(tmp_path / "missing.npy")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main([str(tmp_path / "not-a-bundle"), str(tmp_path / "x.npy")]) == 6
+    assert main([str(toy), str(tmp_path / "x.npy"), "--thresholds", "0,x,1"]) == 2
