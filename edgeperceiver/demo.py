@@ -1,0 +1,188 @@
+"""``edgeperceiver demo``: the whole toolchain on a Dyn-Perceiver trained on real digits.
+
+export the shipped checkpoint -> compile for ONNX Runtime (FP32) and OpenVINO (INT8) ->
+calibrate each for ``max_drop`` -> run the held-out images at batch 1 with early exit, timed
+against always running to the last exit -> one table, a Pareto plot per target.
+
+Accuracy and exit shares are reported on the calibration's *checking* split (images the
+thresholds were not fitted on); latency is measured, interleaved, on those same images.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CalibrationError
+from .types import Precision, TargetName
+
+Echo = Callable[[str], None]
+
+#: (target, precision) compiled and compared by the demo
+DEMO_TARGETS: tuple[tuple[TargetName, Precision], ...] = (
+    (TargetName.ONNXRUNTIME, Precision.FP32),
+    (TargetName.OPENVINO, Precision.INT8),
+)
+
+
+@dataclass(frozen=True)
+class DemoRow:
+    """One target under one policy, measured on the checking split."""
+
+    target: str
+    policy: str  #: "last exit" or the calibrated goal
+    accuracy: float  #: top-1, in [0, 1]
+    latency_ms: float  #: mean measured latency per image, batch 1
+    share: tuple[float, ...]  #: share of images leaving at each exit
+    thresholds: tuple[float | None, ...]
+
+
+@dataclass(frozen=True)
+class DemoReport:
+    """What the demo measured: per-exit accuracy, and one row per target and policy."""
+
+    exit_accuracy: Sequence[tuple[str, tuple[float, ...]]]  #: per target, accuracy of each exit alone
+    rows: tuple[DemoRow, ...]
+    plots: tuple[Path, ...]
+    n_check: int
+    seconds: float
+
+    def render(self) -> str:
+        k = len(self.rows[0].share)
+        head = f"{'target':<18}{'policy':<16}{'top-1':>7}{'ms/image':>10}{'speedup':>9}  " + " ".join(
+            f"{'exit' + str(i + 1):>6}" for i in range(k)
+        )
+        lines = [
+            f"held-out digits, checking split ({self.n_check} images), batch 1, measured:",
+            head,
+            "-" * len(head),
+        ]
+        base: dict[str, float] = {r.target: r.latency_ms for r in self.rows if r.policy == "last exit"}
+        for r in self.rows:
+            shares = " ".join(f"{s:>6.0%}" for s in r.share)
+            speedup = base[r.target] / r.latency_ms if r.latency_ms > 0 else float("nan")
+            lines.append(
+                f"{r.target:<18}{r.policy:<16}{r.accuracy:>7.1%}{r.latency_ms:>10.3f}{speedup:>8.2f}x  {shares}"
+            )
+        lines.append("")
+        lines.append("accuracy of each exit alone (checking split):")
+        for target, accs in self.exit_accuracy:
+            lines.append(f"  {target:<18}" + "  ".join(f"exit{i + 1} {a:.1%}" for i, a in enumerate(accs)))
+        lines.append("")
+        lines.extend(f"Pareto plot: {p}" for p in self.plots)
+        lines.append(f"demo finished in {self.seconds:.0f} s")
+        return "\n".join(lines)
+
+
+def run_demo(out: str | Path, *, echo: Echo = print, max_drop: float = 0.5, seed: int = 0) -> DemoReport:
+    """Run the demo in ``out`` (created; its bundle is replaced) and return its report."""
+    import calibration as cal
+    from calibration.data import split_fit_check
+    from targets import compile_bundle
+
+    from .bundle import Bundle
+    from .datasets.digits import load_digits_split, write_imagefolder
+    from .export import export_checkpoint
+    from .models import DEMO_MODEL, demo_checkpoint, model_info
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = model_info(DEMO_MODEL).input_size
+
+    echo(f"[1/5] data: scikit-learn digits, upsampled to {size}x{size}")
+    split = load_digits_split(size)
+    heldout_dir, calib_dir = out / "heldout", out / "calib"
+    write_imagefolder(split.x_heldout, split.y_heldout, split.classes, heldout_dir)
+    write_imagefolder(split.x_train, split.y_train, split.classes, calib_dir)
+    echo(f"      {len(split.y_train)} training images (INT8 calibration: {calib_dir}),")
+    echo(f"      {len(split.y_heldout)} held-out images ({heldout_dir})")
+
+    echo(f"[2/5] export {demo_checkpoint().name} -> {out / 'bundle'}")
+    bundle_dir = out / "bundle"
+    export = export_checkpoint(demo_checkpoint(), bundle_dir, labels=list(split.classes), overwrite=True)
+    echo(_indent(export.render()))
+
+    echo("[3/5] compile: " + ", ".join(f"{t.value} {p.value}" for t, p in DEMO_TARGETS))
+    keys = []
+    for target, precision in DEMO_TARGETS:
+        calib = calib_dir if precision is Precision.INT8 else None
+        entry = compile_bundle(bundle_dir, target, precision, calib_data=calib, calib_samples=300)
+        keys.append(entry.key)
+        report = entry.metadata.get("report")
+        if report:
+            echo(_indent(str(report)))
+
+    echo(f"[4/5] calibrate each target for max-drop {max_drop} points")
+    results = []
+    for key in keys:
+        result = cal.calibrate(bundle_dir, heldout_dir, target=key, goal=cal.MaxDrop(max_drop), seed=seed)
+        results.append(result)
+        echo(_indent(result.render()))
+
+    echo("[5/5] run the checking split at batch 1, early exit vs always the last exit (interleaved)")
+    data = cal.load_dataset(heldout_dir, Bundle.open(bundle_dir).manifest.preprocess)
+    if data.y is None:
+        raise CalibrationError(f"{heldout_dir} lost its class folders")
+    _, check = split_fit_check(data.y, len(data), 0.5, seed)
+    x, y = data.x[check], data.y[check]
+    rows: list[DemoRow] = []
+    exit_accuracy: list[tuple[str, tuple[float, ...]]] = []
+    plots: list[Path] = []
+    for key, result in zip(keys, results, strict=True):
+        rows.extend(_measure(bundle_dir, key, x, y, result.thresholds.values, f"max-drop {max_drop}"))
+        logits = _all_exits(bundle_dir, key, x)
+        exit_accuracy.append((key, tuple(float(np.mean(z.argmax(1) == y)) for z in logits)))
+        plots.extend(bundle_dir / f for f in result.report_files if f.endswith(".png"))
+    report = DemoReport(tuple(exit_accuracy), tuple(rows), tuple(plots), len(check), time.perf_counter() - t_start)
+    echo("")
+    echo(report.render())
+    return report
+
+
+def _all_exits(bundle: Path, key: str, x: np.ndarray) -> list[np.ndarray]:
+    from .runtime import load
+
+    return load(bundle, key).all_exits(x)
+
+
+def _measure(
+    bundle: Path, key: str, x: np.ndarray, y: np.ndarray, thresholds: Sequence[float | None], goal: str
+) -> list[DemoRow]:
+    """Time every image alone under both policies, alternating which goes first."""
+    from .runtime import load
+
+    runner = load(bundle, key, batch_size=1)
+    k = runner.num_exits
+    policies: dict[str, tuple[float | None, ...]] = {
+        "last exit": (*([None] * (k - 1)), 0.0),
+        goal: tuple(thresholds),
+    }
+    times: dict[str, list[float]] = {p: [] for p in policies}
+    preds: dict[str, list[tuple[int, int]]] = {p: [] for p in policies}
+    for th in policies.values():  # warm-up (compiles OpenVINO's batch-1 shapes)
+        runner.predict(x[:2], thresholds=th)
+    order = list(policies)
+    for i in range(x.shape[0]):
+        for p in order if i % 2 == 0 else order[::-1]:
+            t0 = time.perf_counter()
+            pred = runner.predict(x[i : i + 1], thresholds=policies[p])
+            times[p].append(time.perf_counter() - t0)
+            preds[p].append((int(pred.labels[0]), int(pred.exits[0])))
+    rows = []
+    for p, th in policies.items():
+        labels = np.array([a for a, _ in preds[p]])
+        exits = np.array([e for _, e in preds[p]])
+        share = tuple(float(np.mean(exits == e)) for e in range(1, k + 1))
+        mean_ms = 1e3 * statistics.fmean(times[p])
+        rows.append(DemoRow(key, p, float(np.mean(labels == y)), mean_ms, share, th))
+    return rows
+
+
+def _indent(text: str) -> str:
+    return "\n".join("      " + line for line in text.splitlines())
