@@ -345,7 +345,6 @@ class Runner:
         live: dict[str, Any] = {self.manifest.input.name: self.backend.from_host(x)}
         for k, seg in enumerate(self.segments[:last]):
             outs = self.run_segment(k, {t.name: live[t.name] for t in seg.inputs})
-            logits = np.asarray(self.backend.to_host(outs[seg.exit]))
             if k + 1 == last or forced is not None:
                 if k + 1 == last:
                     leave = np.ones(active.shape[0], bool)
@@ -353,12 +352,14 @@ class Runner:
                     assert forced is not None
                     leave = forced[active] == k + 1
                 if leave.any():
+                    logits = np.asarray(self.backend.to_host(outs[seg.exit]))
                     s, lab, c = evaluate(logits[leave], crit)
                     gone = active[leave]
                     labels[gone], conf[gone], score[gone], exits[gone] = lab, c, s, k + 1
             elif th is None or th.values[k] is None:
-                leave = np.zeros(active.shape[0], bool)
+                leave = np.zeros(active.shape[0], bool)  # exit disabled: its logits never leave the engine
             else:
+                logits = np.asarray(self.backend.to_host(outs[seg.exit]))
                 s, lab, c = evaluate(logits, crit)
                 leave = s >= th.values[k]
                 if leave.any():
