@@ -189,12 +189,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bundle", type=Path, default=None, help="an exported bundle to reuse (default: export now)")
     p.add_argument("--json", type=Path, default=None, help="also write the raw report here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time, or process CPU time (robust on a shared machine; use with --threads 1)")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="edgeperceiver-bench-") as tmp:
+        bundle: Path
+        ckpt: Path | None
         if args.bundle is not None:
-            bundle, ckpt = args.bundle, (GOLDEN / f"{MODEL}.fp16.pth")
-            ckpt = ckpt if ckpt.is_file() else None
+            golden = GOLDEN / f"{MODEL}.fp16.pth"
+            bundle, ckpt = args.bundle, (golden if golden.is_file() else None)
         else:
             print(f"exporting {MODEL} ...", file=sys.stderr)
             bundle, ckpt = export_bundle(Path(tmp) / "bundle", args.threads, args.seed)
@@ -224,9 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         report = bench(bundle, None, batch_sizes=args.batch_sizes, exit_mix=args.exit_mix, repeats=args.repeats,
                        warmup=args.warmup, threads=args.threads, mix_round=args.mix_round, progress=progress,
-                       seed=args.seed, extra_jobs=extra)
+                       seed=args.seed, extra_jobs=extra, clock=args.clock)
         weights = "golden fixture weights" if ckpt else "seeded random weights"
-        print(f"== {MODEL} ({weights}), {args.threads} threads, medians of {args.repeats} interleaved repeats ==")
+        print(f"== {MODEL} ({weights}), {args.threads} threads, medians of {args.repeats} interleaved repeats, "
+              f"{args.clock} clock ==")
         print(render(report, names, skipped))
         print()
         print(report.render())
