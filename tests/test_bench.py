@@ -46,6 +46,10 @@ def test_interleaved_is_round_robin() -> None:
     assert seen[-1] == (12, 12) and len(seen) == 12
     with pytest.raises(InputError):
         interleaved(jobs, repeats=0)
+    with pytest.raises(InputError, match="clock"):
+        interleaved(jobs, repeats=1, clock="sundial")
+    busy = interleaved({"spin": lambda: sum(range(200_000)), "idle": lambda: None}, repeats=3, clock="cpu")
+    assert min(busy["spin"]) > max(busy["idle"])
 
 
 def test_bench_reports_every_measurement(toy: Path) -> None:
