@@ -6,7 +6,8 @@ segments 1..k-1. Its inputs are the tensors its nodes read that an earlier segme
 depend on no graph input (constants, DequantizeLinear of a quantized weight) are copied
 into every segment that needs them instead of being carried; initializers go with every
 segment that reads them. A QuantizeLinear output is never carried: its DequantizeLinear is
-moved into the Q's segment, so the carried tensor is the DQ output.
+moved into the Q's segment, so the carried tensor is the DQ output (if that DQ is itself a later
+exit, the Q is recomputed in the exit's segment from its float input instead).
 
 This is a pure graph algorithm: it knows nothing about Dyn-Perceiver.
 """
@@ -35,7 +36,9 @@ class SegmentPlan:
     index: int  #: 1-based
     exit: str
     nodes: tuple[int, ...]  #: indices of the source graph's nodes, in topological order
-    shared: tuple[int, ...]  #: static (input-independent) nodes copied into this segment
+    #: nodes copied into this segment: static (input-independent) nodes, and a QuantizeLinear
+    #: recomputed where its DequantizeLinear is a later exit (so no quantized tensor is carried)
+    shared: tuple[int, ...]
     inputs: tuple[str, ...]  #: graph input and/or tensors made by earlier segments
     outputs: tuple[str, ...]  #: the exit first, then tensors later segments read
     live_after: tuple[str, ...]  #: tensors (graph input or carried) a later segment still reads
@@ -128,14 +131,20 @@ def plan_cut(model: onnx.ModelProto, exits: Sequence[str]) -> CutPlan:
             if node.op_type != "QuantizeLinear" or i not in owner:
                 continue
             for c in consumers.get(node.output[0], []):
-                if (
-                    c in owner and owner[c] > owner[i] and g.node[c].op_type == "DequantizeLinear"
-                    and all(r in static or r == node.output[0] or owner.get(producer.get(r, -1), 0) <= owner[i]
-                            for r in reads[c])
-                ):
+                if c not in owner or owner[c] <= owner[i] or g.node[c].op_type != "DequantizeLinear":
+                    continue
+                if i in shared[owner[c]]:
+                    continue
+                movable = g.node[c].output[0] not in exits and all(
+                    r in static or r == node.output[0] or owner.get(producer.get(r, -1), 0) <= owner[i]
+                    for r in reads[c]
+                )
+                if movable:
                     owner[c] = owner[i]
                     moved.append(g.node[c].name or g.node[c].output[0])
-                    changed = True
+                else:  # the DQ is a later exit itself: recompute the (deterministic) Q in its segment
+                    shared[owner[c]].add(i)
+                changed = True
 
     # 3. boundaries
     nseg = len(exits)
@@ -151,9 +160,10 @@ def plan_cut(model: onnx.ModelProto, exits: Sequence[str]) -> CutPlan:
     static_outputs = {o for i, s in enumerate(is_static_node) if s for o in g.node[i].output}
     seg_inputs: list[list[str]] = [[] for _ in range(nseg)]
     for k in range(nseg):
+        local = {o for i in shared[k] for o in g.node[i].output}  # made by nodes copied into segment k
         for i in sorted(set(seg_nodes[k]) | shared[k]):
             for r in reads[i]:
-                if r in inits or r in static_outputs:
+                if r in inits or r in static_outputs or r in local:
                     continue
                 if r in graph_inputs or made_in.get(r, k) < k:
                     if r not in seg_inputs[k]:

@@ -44,7 +44,10 @@ def _check_invariants(m: onnx.ModelProto, plan: CutPlan) -> None:
     assert len(owned) == len(set(owned)), "a node appears in two segments"
     for s in plan.segments:
         for i in s.shared:
-            assert all(o in static for o in m.graph.node[i].output), "only static nodes may be duplicated"
+            node = m.graph.node[i]
+            assert node.op_type == "QuantizeLinear" or all(o in static for o in node.output), (
+                "only static nodes (and a Q recomputed for a DQ exit) may be duplicated"
+            )
     available = set(plan.graph_inputs)
     for k, s in enumerate(plan.segments):
         assert s.outputs[0] == s.exit
@@ -201,10 +204,15 @@ def test_fold_static_shapes_turns_reshape_targets_into_constants() -> None:
 
 
 @st.composite
-def multi_exit_dags(draw: st.DrawFn) -> tuple[onnx.ModelProto, list[str]]:
-    """A random DAG over [batch, D] tensors with shared (and static) weights and 1..4 exits."""
+def multi_exit_dags(draw: st.DrawFn, qdq: bool = False) -> tuple[onnx.ModelProto, list[str]]:
+    """A random DAG over [batch, D] tensors with shared (and static) weights and 1..4 exits.
+
+    With ``qdq``, also QuantizeLinear -> DequantizeLinear pairs whose Q may feed several DQs.
+    """
     n_w = draw(st.integers(1, 3))
     inits = [_init(f"w{i}", (D, D), i) for i in range(n_w)]
+    inits.append(numpy_helper.from_array(np.array(0.02, np.float32), "q_s"))
+    inits.append(numpy_helper.from_array(np.array(0, np.int8), "q_zp"))
     inits.append(_init("w_cat", (2 * D, D), 99))
     inits.append(numpy_helper.from_array(np.array(0.5, np.float32), "half"))
     nodes = []
@@ -214,8 +222,12 @@ def multi_exit_dags(draw: st.DrawFn) -> tuple[onnx.ModelProto, list[str]]:
         nodes.append(helper.make_node("Mul", ["w0", "half"], ["w_static"]))
         weights.append("w_static")
     n_ops = draw(st.integers(2, 12))
+    quantized: list[str] = []  # QuantizeLinear outputs; each may feed several DequantizeLinear
     for i in range(n_ops):
-        op = draw(st.sampled_from(["Add", "Mul", "Relu", "MatMul", "Concat", "Tanh"]))
+        ops = ["Add", "Mul", "Relu", "MatMul", "Concat", "Tanh"] + (["QDQ", "DQ"] if qdq else [])
+        op = draw(st.sampled_from(ops))
+        if op == "DQ" and not quantized:
+            op = "QDQ"
         a = draw(st.sampled_from(tensors))
         b = draw(st.sampled_from(tensors))
         out = f"t{i}"
@@ -224,6 +236,12 @@ def multi_exit_dags(draw: st.DrawFn) -> tuple[onnx.ModelProto, list[str]]:
             nodes.append(helper.make_node("Tanh", [out + "_pre"], [out]))  # keep values bounded
         elif op in ("Relu", "Tanh"):
             nodes.append(helper.make_node(op, [a], [out]))
+        elif op == "QDQ":  # quantize an earlier tensor and dequantize it once
+            nodes.append(helper.make_node("QuantizeLinear", [a, "q_s", "q_zp"], [out + "_q"]))
+            nodes.append(helper.make_node("DequantizeLinear", [out + "_q", "q_s", "q_zp"], [out]))
+            quantized.append(out + "_q")
+        elif op == "DQ":  # another dequantization of an earlier Q (shared Q, possibly across a cut)
+            nodes.append(helper.make_node("DequantizeLinear", [draw(st.sampled_from(quantized)), "q_s", "q_zp"], [out]))
         elif op == "MatMul":
             nodes.append(helper.make_node("MatMul", [a, draw(st.sampled_from(weights))], [out]))
         else:
@@ -250,3 +268,13 @@ def test_random_dags_chain_equals_monolithic(case: tuple[onnx.ModelProto, list[s
         node = model.graph.node[i]
         owners = [s.index for s in plan.segments if i in s.nodes]
         assert len(owners) == 1 or all(o in static for o in node.output)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(multi_exit_dags(qdq=True))
+def test_random_qdq_dags_never_cut_between_q_and_dq(case: tuple[onnx.ModelProto, list[str]]) -> None:
+    model, exits = case
+    plan = _chain_equals_monolithic(model, exits, optimize=False)
+    q_outputs = {n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    for s in plan.segments:
+        assert not q_outputs & set(s.inputs), f"segment {s.index} receives a QuantizeLinear output"
