@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,14 +40,15 @@ def read_checkpoint(path: str | Path) -> Any:
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
     try:
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         msg = str(exc)
         if "Weights only load failed" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
             detail = _unsupported_global(msg)
             raise CheckpointError(
-                f"refusing to load {p}: it references Python objects outside the allow-list"
+                f"refusing to load {p}: it uses pickle features or Python objects outside the allow-list"
                 f"{detail}. A checkpoint should hold only tensors, containers and argparse.Namespace; "
                 "this file may carry code that runs when unpickled. It was not executed."
             ) from None
@@ -64,10 +67,8 @@ def _first_line(msg: str) -> str:
 
 
 def _unsupported_global(msg: str) -> str:
-    for line in msg.splitlines():
-        if "Unsupported global" in line or "Unsupported operand" in line:
-            return f" ({line.strip().rstrip('.')[:160]})"
-    return ""
+    found = re.search(r"GLOBAL ([\w.]+)", msg) or re.search(r"[Uu]nsupported global:? ([\w.]+)", msg)
+    return f" (it needs {found.group(1)})" if found else ""
 
 
 def select_state_dict(obj: Any, key: str = "auto") -> tuple[dict[str, Tensor], Any]:
