@@ -33,7 +33,7 @@ import numpy as np
 
 from ._optional import require
 from .bundle import BATCH, Manifest, Preprocess, SegmentSpec, TargetEntry, TensorSpec, write_bundle
-from .cut import CutPlan, cut_model
+from .cut import CutPlan, cut_model, run_chain
 from .errors import CheckpointError, EdgePerceiverError, ExportError, InputError
 from .onnx_utils import (
     FoldStats,
@@ -107,7 +107,7 @@ class ExportReport:
     out: Path
     model_name: str
     source: str
-    reference: str  #: "torch" or "onnx"
+    reference: str  #: "torch" or "source" (the ONNX file as given)
     exits: tuple[str, ...]
     verify_batch: int
     seed: int
@@ -345,7 +345,7 @@ def export_onnx(
     chw = tuple(int(d) for d in in_shape[1:])
     pre = preprocess or Preprocess(size=(chw[-2], chw[-1]), channels=chw[0] if len(chw) == 3 else 1)
     return _export_graph(
-        work, exits, out, name=name or path.stem, source="onnx", reference=reference, reference_kind="onnx",
+        work, exits, out, name=name or path.stem, source="onnx", reference=reference, reference_kind="source",
         preprocess=pre, keep=keep, labels=labels, simplify=simplify, overwrite=overwrite,
         verify_batch=verify_batch, seed=seed, threads=threads, extra={"source_file": path.name},
     )
@@ -416,6 +416,7 @@ def _export_graph(
     out = Path(out)
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists (pass overwrite / --force to replace it)")
+    names_given = _read_labels(labels)  # read early: a bad labels file should not cost an export
     kept_idx = _kept(keep, len(exit_names))
     exits = tuple(exit_names[i] for i in kept_idx)
     model = restrict_outputs(model, exits)
@@ -430,8 +431,6 @@ def _export_graph(
     x = random_input((verify_batch, *[int(d) for d in in_shape[1:]]), seed=seed, dtype=in_dtype)
     ref = {k: np.asarray(v) for k, v in reference(x).items()}
     mono = dict(zip(exits, ort_session(model, threads=threads).run(list(exits), {in_name: x}), strict=True))
-    from .cut import run_chain
-
     chain = run_chain(segments, {in_name: x}, threads=threads)
     rows = []
     num_classes = None
@@ -455,7 +454,7 @@ def _export_graph(
             tolerance=tol,
         ))
     stats = _segment_stats(model, plan, segments, specs, in_name, in_shape, threads=threads)
-    classes = _labels(labels, num_classes or 0)
+    classes = _check_labels(names_given, num_classes or 0)
     report = ExportReport(
         out=out, model_name=name, source=source, reference=reference_kind, exits=exits,
         verify_batch=verify_batch, seed=seed, rows=tuple(rows), segments=stats, fold=fold,
@@ -615,7 +614,7 @@ def _kept(keep: Sequence[int] | None, n: int) -> list[int]:
     return [k - 1 for k in idx]
 
 
-def _labels(labels: str | os.PathLike[str] | Sequence[str] | None, num_classes: int) -> tuple[str, ...] | None:
+def _read_labels(labels: str | os.PathLike[str] | Sequence[str] | None) -> list[str] | None:
     if labels is None:
         return None
     if isinstance(labels, (str, os.PathLike)):
@@ -629,6 +628,12 @@ def _labels(labels: str | os.PathLike[str] | Sequence[str] | None, num_classes: 
             names.pop()
     else:
         names = [str(x) for x in labels]
+    return names
+
+
+def _check_labels(names: list[str] | None, num_classes: int) -> tuple[str, ...] | None:
+    if names is None:
+        return None
     if len(names) != num_classes:
         raise InputError(f"labels: {len(names)} class names for a model with {num_classes} classes")
     return tuple(names)
