@@ -222,3 +222,27 @@ def test_load_module_factory(tmp_path: Path, torch_threads: Any) -> None:
         load_module_factory(f"{src}:missing")
     with pytest.raises(InputError, match="cannot import"):
         load_module_factory("edgeperceiver_no_such_module:make")
+
+
+@pytest.mark.slow
+def test_export_checkpoint_of_a_small_dyn_perceiver(tmp_path: Path, torch_threads: Any) -> None:
+    """The checkpoint path without the golden fixtures: an official-format checkpoint of the demo arch."""
+    import argparse
+
+    models = pytest.importorskip("edgeperceiver.models")
+    model = models.create_model("digits_perceiver_t32").eval()
+    ckpt = tmp_path / "checkpoint.pth"
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(model="digits_perceiver_t32")}, ckpt)
+    from edgeperceiver.export import export_checkpoint
+
+    report = export_checkpoint(ckpt, tmp_path / "b", exits=[1, 2, 4], threads=2)
+    m = Bundle.open(tmp_path / "b").manifest
+    assert report.ok and m.exits == ("y_early3", "y_att", "y_merge") and m.model_name == "digits_perceiver_t32"
+    assert m.preprocess.size == (32, 32) and m.num_classes == 10 and m.source == "checkpoint"
+    x = np.random.default_rng(3).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        outs = [t.numpy() for t in model(torch.from_numpy(x))]
+    ref = dict(zip(("y_early3", "y_att", "y_cnn", "y_merge"), outs, strict=True))
+    got = run_chain([Bundle.open(tmp_path / "b").path(s.path) for s in m.segments], {m.input.name: x}, threads=2)
+    for e in m.exits:
+        np.testing.assert_allclose(got[e], ref[e], atol=1e-4 * max(1.0, float(np.abs(ref[e]).max())))
