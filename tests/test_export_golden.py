@@ -95,29 +95,37 @@ def test_no_node_in_two_segments(exported: tuple[str, ExportReport, Bundle, Any]
     assert total == sum(1 for n in model.graph.node if n.output[0] not in static)
 
 
-def test_reg800m_boundaries_carry_exactly_what_the_architecture_needs(
+def test_boundaries_carry_exactly_what_the_architecture_needs(
     exported: tuple[str, ExportReport, Bundle, Any],
 ) -> None:
     name, _, bundle, _ = exported
-    if name != "reg800m_perceiver_t128":
-        pytest.skip("the boundary table is for reg800m")
     s1, s2, s3, s4 = bundle.manifest.segments
 
     def shapes(tensors: Any) -> list[tuple[Any, ...]]:
-        return sorted((t.shape[1:] for t in tensors), key=str)
+        return sorted((tuple(t.shape[1:]) for t in tensors), key=str)
 
     logits = (1000,)
-    # 1|2: CNN features + latent + exit-1 logits (CNN block 3 is not needed by exit 1)
+    # 1|2: CNN features + latent (32 tokens) + exit-1 logits (CNN block 3 is not needed by exit 1)
     assert shapes(s1.outputs) == shapes(s2.inputs)
-    assert sorted(shapes(s2.inputs), key=str) == sorted([(144, 28, 28), (32, 144), logits], key=str)
-    assert s1.carried_bytes == (144 * 28 * 28 + 32 * 144 + 1000) * 4 == 474_016
-    # 2|3: [320,14,14] + latent [16,320] + latent mean [320] + exit-2 logits; exit 3 reads only the CNN map
-    assert sorted(shapes(s2.outputs), key=str) == sorted([logits, (320, 14, 14), (16, 320), (320,)], key=str)
-    assert shapes(s3.inputs) == [(320, 14, 14)]
+    maps = [x for x in shapes(s2.inputs) if len(x) == 3]
+    lat1 = [x for x in shapes(s2.inputs) if len(x) == 2]
+    assert len(maps) == 1 and len(lat1) == 1 and lat1[0][0] == 32
+    assert shapes(s2.inputs) == sorted([maps[0], lat1[0], logits], key=str)
+    # 2|3: CNN map + latent (16 tokens) + latent mean + exit-2 logits; exit 3 reads only the CNN map
+    cnn4 = [x for x in shapes(s2.outputs) if len(x) == 3]
+    assert len(cnn4) == 1 and len(s2.outputs) == 4
+    lat = [x for x in shapes(s2.outputs) if len(x) == 2]
+    assert len(lat) == 1 and lat[0][0] == 16
+    assert shapes(s2.outputs) == sorted([cnn4[0], lat[0], (lat[0][1],), logits], key=str)
+    assert shapes(s3.inputs) == cnn4
     assert set(s2.live_after) == {t.name for t in s2.outputs}
-    # 3|4: block-4 output + latent + latent mean + exit-2 logits (from segments 2 and 3)
-    assert sorted(shapes(s4.inputs), key=str) == sorted([(784, 7, 7), (16, 320), (320,), logits], key=str)
+    # 3|4: block-4 output (7x7) from segment 3 + latent + latent mean + exit-2 logits from segment 2
+    assert len(s3.outputs) == 2 and tuple(s3.outputs[1].shape[2:]) == (7, 7)
+    assert {t.name for t in s4.inputs} == {s3.outputs[1].name} | {t.name for t in s2.outputs} - {s3.inputs[0].name}
     assert {t.name for t in s4.inputs} == set(s3.live_after)
     assert s4.live_after == ()
-    made_by_2 = {t.name for t in s2.outputs}
-    assert {t.name for t in s4.inputs} - made_by_2 == {t.name for t in s3.outputs[1:]}
+    if name == "reg800m_perceiver_t128":  # the numbers DESIGN.md lists
+        assert shapes(s2.inputs) == sorted([(144, 28, 28), (32, 144), logits], key=str)
+        assert s1.carried_bytes == (144 * 28 * 28 + 32 * 144 + 1000) * 4 == 474_016
+        assert shapes(s3.inputs) == [(320, 14, 14)] and lat[0] == (16, 320)
+        assert shapes(s4.inputs) == sorted([(784, 7, 7), (16, 320), (320,), logits], key=str)
