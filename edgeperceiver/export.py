@@ -249,7 +249,9 @@ def export_module(
     """Export a PyTorch module whose forward returns its exit logits (a tuple/list, in exit order).
 
     ``input_shape`` is (C, H, W); the batch axis is dynamic. ``exit_names`` default to the
-    module's ``exit_names`` attribute, else ``exit1..exitK``.
+    module's ``exit_names`` attribute, else ``exit1..exitK``. The module is put in eval mode.
+    Raises :class:`ExportError` when the module does not return a tuple/list of 2-D logits or
+    when verification disagrees, :class:`InputError` for bad options; nothing is written then.
     """
     torch = require("torch", purpose="exporting PyTorch models")
     if not isinstance(module, torch.nn.Module):
