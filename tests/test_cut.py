@@ -278,3 +278,21 @@ def test_random_qdq_dags_never_cut_between_q_and_dq(case: tuple[onnx.ModelProto,
     q_outputs = {n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
     for s in plan.segments:
         assert not q_outputs & set(s.inputs), f"segment {s.index} receives a QuantizeLinear output"
+
+
+def test_subgraph_reads_of_outer_tensors_count_as_inputs() -> None:
+    """An If node whose branches read an outer tensor made by segment 1: that tensor is carried."""
+    out_vi = helper.make_tensor_value_info("branch_out", TensorProto.FLOAT, ["batch", D])
+    then_g = helper.make_graph([helper.make_node("Add", ["a", "a"], ["branch_out"])], "then", [], [out_vi])
+    else_g = helper.make_graph([helper.make_node("Mul", ["a", "a"], ["branch_out"])], "else", [], [out_vi])
+    inits = [_init("w", (D, D), 0), numpy_helper.from_array(np.array(True), "cond")]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"]),
+        helper.make_node("MatMul", ["a", "w"], ["e1"]),
+        helper.make_node("Tanh", ["x"], ["t"]),
+        helper.make_node("If", ["cond"], ["b"], then_branch=then_g, else_branch=else_g),
+        helper.make_node("Add", ["b", "t"], ["e2"]),
+    ]
+    plan = _chain_equals_monolithic(_model(nodes, inits, ["e1", "e2"]), ["e1", "e2"])
+    assert set(plan.segments[1].inputs) == {"a", "x"}
+    assert plan.segments[0].outputs == ("e1", "a")
