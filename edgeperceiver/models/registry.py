@@ -181,3 +181,23 @@ _OFFICIAL: tuple[tuple[str, str, tuple[int, ...], tuple[tuple[str, Any], ...]], 
 for _prefix, _backbone, _latents, _defaults in _OFFICIAL:
     for _t in _latents:
         register_model(ModelSpec(f"{_prefix}_perceiver_t{_t}", _backbone, _t, _defaults))
+
+# --------------------------------------------------------------------------- demo model (not official)
+
+register_model(
+    ModelSpec(
+        "digits_perceiver_t32",
+        "regnet_custom:16:1x16,1x32,3x128,2x384:16",
+        32,
+        (
+            *_COMMON,
+            ("SA_widening_factor", 2),
+            ("spatial_reduction", False),
+            ("depth_factor", (1, 1, 1, 1)),
+            ("input_size", 32),
+            ("num_classes", 10),
+        ),
+        official=False,
+        description="demo: tiny RegNetY-style Dyn-Perceiver for 32x32 digits (scripts/train_digits.py)",
+    )
+)
