@@ -6,6 +6,10 @@ second process skips graph optimisation. ``spin=False`` turns off the intra-op t
 pool's busy-waiting: each segment session owns a thread pool, and threads still spinning
 after one segment finished compete with the next segment's threads on a small CPU.
 
+Carried tensors stay ``OrtValue``s between segments (``run_with_ort_values``): a segment's
+outputs feed the next segment without being copied into new numpy arrays (about 0.2 ms
+per image for reg800m's 0.9 MB of carried tensors). ``to_host`` and ``take`` give numpy.
+
 ``onnxruntime`` is imported when the backend is created, never at module import.
 ORT sessions are safe to ``run`` from several threads at once (``thread_safe = True``).
 """
@@ -19,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .._optional import require
 from ..bundle import Bundle, SegmentSpec, TargetEntry
 from ..errors import InputError, TargetError
-from .backend import HostArrays
 
 
 @dataclass(frozen=True)
@@ -35,8 +40,11 @@ class OrtConfig:
     spin: bool = True  #: let idle intra-op threads busy-wait (lower latency, more CPU)
 
 
-class OrtBackend(HostArrays):
-    """Runs ONNX segments with ONNX Runtime (CPU by default; any installed provider)."""
+class OrtBackend:
+    """Runs ONNX segments with ONNX Runtime (CPU by default; any installed provider).
+
+    Backend arrays are numpy arrays or ``OrtValue``s (outputs of a segment, on the CPU).
+    """
 
     name = "onnxruntime"
     thread_safe = True
@@ -63,6 +71,20 @@ class OrtBackend(HostArrays):
             cache_dir=None if cache_dir is None else str(cache_dir),
             spin=bool(spin),
         )
+
+    def from_host(self, array: np.ndarray) -> Any:
+        return array
+
+    def to_host(self, array: Any) -> np.ndarray:
+        """A numpy copy of ``array`` (an ``OrtValue`` or numpy array)."""
+        if isinstance(array, np.ndarray):
+            return array
+        return np.array(array.numpy(), copy=True)
+
+    def take(self, array: Any, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` of ``array`` along the batch axis, as a new contiguous numpy array."""
+        host = array if isinstance(array, np.ndarray) else array.numpy()
+        return np.ascontiguousarray(host[rows])
 
     def session_options(self) -> Any:
         """The ``SessionOptions`` every segment is opened with."""
@@ -100,7 +122,7 @@ class OrtBackend(HostArrays):
             tmp = Path(so.optimized_model_filepath)
             if tmp.is_file():
                 os.replace(tmp, self._cached_path(path))
-        return OrtSession(sess, segment)
+        return OrtSession(sess, segment, self.ort.OrtValue)
 
     def _cached_path(self, path: Path) -> Path:
         h = hashlib.sha256()
@@ -112,11 +134,13 @@ class OrtBackend(HostArrays):
 
 
 class OrtSession:
-    """One segment's ``InferenceSession``; returns every output by name."""
+    """One segment's ``InferenceSession``; returns every output by name, as ``OrtValue``s."""
 
-    def __init__(self, session: Any, segment: SegmentSpec) -> None:
+    def __init__(self, session: Any, segment: SegmentSpec, ortvalue: Any) -> None:
         self.session = session
         self.segment = segment
+        self._wrap = ortvalue.ortvalue_from_numpy
+        self._ortvalue = ortvalue
         self.output_names = [o.name for o in session.get_outputs()]
         have = {i.name for i in session.get_inputs()}
         missing = [t.name for t in segment.inputs if t.name not in have]
@@ -126,7 +150,11 @@ class OrtSession:
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         try:
-            outs = self.session.run(self.output_names, {n: feeds[n] for n in self.input_names})
+            values = {}
+            for n in self.input_names:
+                v = feeds[n]
+                values[n] = v if isinstance(v, self._ortvalue) else self._wrap(np.ascontiguousarray(v))
+            outs = self.session.run_with_ort_values(self.output_names, values)
         except KeyError as exc:
             raise InputError(f"segment {self.segment.index} needs input {exc.args[0]!r}") from None
         except Exception as exc:  # onnxruntime's own error types

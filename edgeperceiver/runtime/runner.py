@@ -217,7 +217,11 @@ class Runner:
                     )
                 raise InputError(f"{what}: expected shape {_shape_str(spec.shape)}, got {x.shape}")
         x = np.ascontiguousarray(x, dtype=np.dtype(spec.dtype))
-        finite = np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1) if x.size else np.ones(x.shape[0], bool)
+        # fast path over the whole array; the per-sample reduction only to name the culprits
+        if x.size and not np.isfinite(x).all():
+            finite = np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)
+        else:
+            finite = np.ones(x.shape[0], bool)
         if not finite.all():
             bad = np.flatnonzero(~finite)
             label = [names[i] for i in bad[:5]] if names is not None else [f"sample {i}" for i in bad[:5]]
