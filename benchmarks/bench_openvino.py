@@ -21,6 +21,12 @@ cut's price at fp32 and int8) and the INT8 compile report (per exit agreement wi
 
 from __future__ import annotations
 
+import os
+
+# PyTorch's OpenMP threads busy-wait after every parallel region; interleaved with OpenVINO
+# in one process on 2 cores they starve it (and vice versa). Let idle threads sleep.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import dataclasses
 import json
@@ -202,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bundle", type=Path, default=None, help="an exported bundle (copied, then compiled)")
     p.add_argument("--int8-options", type=json.loads, default={}, help='JSON, e.g. {"preset": "performance"}')
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--keep", type=Path, default=None, help="copy the compiled bundle here (reuse with --bundle)")
     args = p.parse_args(argv)
 
     ckpt = GOLDEN / f"{MODEL}.fp16.pth"
@@ -260,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("INT8 compile report:", json.dumps({k: entry.metadata.get(k) for k in
                                                    ("method", "quantization", "agreement", "segment_ms",
                                                     "monolithic_ms", "cut_overhead")}, indent=1))
+        if args.keep is not None:
+            shutil.copytree(bundle, args.keep, dirs_exist_ok=False)
         if args.json is not None:
             args.json.write_text(json.dumps({"median_ms": med, "p25_ms": q1, "p75_ms": q3, **summary,
                                              "int8_entry": dict(entry.metadata)}, indent=1))
