@@ -125,6 +125,9 @@ class BatchResult:
     mix_measured_ms: float | None = None  #: forced exit mix, per batch of this size
     thresholds_expected_ms: float | None = None  #: per sample: mean_i cumulative[exit_i] / batch
     thresholds_measured_ms: float | None = None  #: per sample, running ``data`` in batches
+    #: batch 1 only: per-sample latency to each exit in rounds of single samples, the
+    #: reference of the exit-mix ideal and the thresholds' expectation (like with like)
+    round_ms: tuple[float, ...] | None = None
 
     @property
     def cut_price(self) -> float | None:
@@ -208,6 +211,12 @@ class BenchReport:
             rows.append((f"segment {i + 1} alone (ms)", [ms(b.segment_ms[i]) for b in self.batches]))
         for i in range(k):
             rows.append((f"to exit {i + 1} {self.exits[i]} (ms)", [ms(b.cumulative_ms[i]) for b in self.batches]))
+        if any(b.round_ms is not None for b in self.batches):
+            for i in range(k):
+                rows.append(
+                    (f"to exit {i + 1}, rounds of {self.info.get('mix_round', '?')} singles (ms/sample)",
+                     [ms(None if b.round_ms is None else b.round_ms[i]) for b in self.batches])
+                )
         rows.append(("sum of segments alone (ms)", [ms(b.segments_sum_ms) for b in self.batches]))
         rows.append(("runtime overhead (ms)", [ms(b.runtime_overhead_ms) for b in self.batches]))
         rows.append(("monolithic model (ms)", [ms(b.monolithic_ms) for b in self.batches]))
@@ -257,6 +266,12 @@ def open_monolithic(runner: Runner) -> Callable[[Any], dict[str, Any]] | None:
     return lambda x: session.run({name: x})
 
 
+def _round_of_singles(runner: Runner, x: np.ndarray, exits: np.ndarray) -> None:
+    """Predict the samples of ``x`` one at a time, sample j forced to leave at ``exits[j]``."""
+    for j in range(len(exits)):
+        runner.predict(x[j : j + 1], force_exits=exits[j : j + 1])
+
+
 def _load_data(data: str | os.PathLike[str] | np.ndarray | None, runner: Runner, limit: int) -> np.ndarray | None:
     if data is None:
         return None
@@ -296,10 +311,11 @@ def bench(
 
     ``exit_mix``: one proportion per exit (normalised), e.g. ``(0.5, 0.3, 0.1, 0.1)``; at
     batch 1 each timed call is a round of ``mix_round`` single samples following a
-    seeded schedule. ``data`` (an (N, C, H, W) array, an image directory or an
-    ``.npy``/``.npz``; at most ``data_limit`` samples) measures latency under the
-    bundle's thresholds. ``extra_jobs(runner)`` may add more callables (e.g. other engines
-    on the same model) to the same interleaved loop; their medians land in ``extra_ms``.
+    seeded schedule, and its ideal comes from rounds of single samples forced to each
+    exit. ``data`` (an (N, C, H, W) array, an image directory or an ``.npy``/``.npz``;
+    at most ``data_limit`` samples) measures latency under the bundle's thresholds.
+    ``extra_jobs(runner)`` may add more callables (e.g. other engines on the same model)
+    to the same interleaved loop; their medians land in ``extra_ms``.
     ``clock="cpu"`` times process CPU time instead of wall time (for a machine shared with
     other work; meaningful for the work done with ``threads=1``).
     """
@@ -334,16 +350,15 @@ def bench(
             jobs[f"exit{i + 1}@{b}"] = partial(runner.predict, x, force_exits=force)
         if mono is not None:
             jobs[f"mono@{b}"] = partial(mono, xb)
+        if b == 1 and (mix is not None or xdata is not None):
+            # loops of single samples are compared with loops of single samples: a round
+            # of calls catches scheduler stalls that the median of one call skips
+            xr = rng.standard_normal((mix_round, *shape)).astype(np.float32)
+            for i in range(k):
+                jobs[f"round{i + 1}@1"] = partial(_round_of_singles, runner, xr, np.full(mix_round, i + 1))
         if mix is not None:
             if b == 1:
-                sched = mix_schedule(mix, mix_round, seed)
-                xr = rng.standard_normal((mix_round, *shape)).astype(np.float32)
-
-                def round_of_singles(xr: np.ndarray = xr, sched: np.ndarray = sched) -> None:
-                    for j in range(len(sched)):
-                        runner.predict(xr[j : j + 1], force_exits=sched[j : j + 1])
-
-                jobs["mix@1"] = round_of_singles
+                jobs["mix@1"] = partial(_round_of_singles, runner, xr, mix_schedule(mix, mix_round, seed))
             else:
                 sched = mix_schedule(mix, b, seed)
                 jobs[f"mix@{b}"] = partial(runner.predict, x, force_exits=sched)
@@ -367,16 +382,20 @@ def bench(
         seg = tuple(median_ms(times[f"seg{i + 1}@{b}"]) for i in range(k))
         cum = tuple(median_ms(times[f"exit{i + 1}@{b}"]) for i in range(k))
         res = BatchResult(b, seg, cum, None if mono is None else median_ms(times[f"mono@{b}"]))
+        ref = cum  # latency to each exit, per call of this batch size
+        if f"round1@{b}" in times:
+            ref = tuple(median_ms(times[f"round{i + 1}@{b}"], per=mix_round) for i in range(k))
+            res = dataclasses.replace(res, round_ms=ref)
         if mix is not None:
             p = np.asarray(mix) / sum(mix)
-            ideal = float(np.dot(p, cum))
+            ideal = float(np.dot(p, ref))
             measured = median_ms(times[f"mix@{b}"], per=mix_round if b == 1 else 1)
             if b > 1:  # the ideal of the batch actually run (its integer counts)
-                ideal = float(np.dot(np.asarray(mix_counts(mix, b)) / b, cum))
+                ideal = float(np.dot(np.asarray(mix_counts(mix, b)) / b, ref))
             res = dataclasses.replace(res, mix_ideal_ms=ideal, mix_measured_ms=measured)
         if xdata is not None and data_exits is not None:
             n = xdata.shape[0]
-            expected = float(np.mean([cum[e - 1] for e in data_exits])) / b
+            expected = float(np.mean([ref[e - 1] for e in data_exits])) / b
             measured = median_ms(times[f"data@{b}"], per=n)
             res = dataclasses.replace(res, thresholds_expected_ms=expected, thresholds_measured_ms=measured)
         results.append(res)

@@ -65,20 +65,24 @@ def test_bench_reports_every_measurement(toy: Path) -> None:
         assert b.monolithic_ms is not None and b.cut_price is not None and b.cut_price > 0
         assert b.mix_ideal_ms is not None and b.mix_measured_ms is not None and b.mix_ratio is not None
         assert b.thresholds_expected_ms is not None and b.thresholds_ratio is not None
-        # ideal = sum p_k * cumulative_k (batch 1: the requested proportions)
-    b1 = report.batch(1)
-    assert b1.mix_ideal_ms == pytest.approx(float(np.dot([0.5, 0.3, 0.2], b1.cumulative_ms)))
+    b1, b4 = report.batch(1), report.batch(4)
+    # ideal = sum p_k * latency to exit k: at batch 1 from rounds of single samples (like the
+    # measured rounds), at batch 4 from the integer counts of the batch actually run
+    assert b1.round_ms is not None and len(b1.round_ms) == 3 and b4.round_ms is None
+    assert b1.mix_ideal_ms == pytest.approx(float(np.dot([0.5, 0.3, 0.2], b1.round_ms)))
+    assert b4.mix_ideal_ms == pytest.approx(float(np.dot([2 / 4, 1 / 4, 1 / 4], b4.cumulative_ms)))
     # the data's exits follow the bundle's thresholds, as the runtime computes them
     from edgeperceiver.runtime import load
 
     exits = load(toy, threads=1).predict(data).exits
     assert report.data_exit_share == pytest.approx(tuple(float(np.mean(exits == k)) for k in (1, 2, 3)))
-    n_jobs = 2 * (3 + 3 + 1 + 1 + 1)  # per batch size: segments, exits, monolithic, mix, data
+    n_jobs = 2 * (3 + 3 + 1 + 1 + 1) + 3  # per batch size: segments, exits, mono, mix, data; + rounds
     assert progress[-1] == (3 * n_jobs, 3 * n_jobs)
     d = json.loads(report.to_json())
     assert d["batches"][0]["cut_price"] == pytest.approx(b1.cut_price)
     text = report.render()
-    for needle in ("segment 3 alone", "to exit 2 e2", "chained / monolithic", "measured / ideal", "thresholds, 12"):
+    for needle in ("segment 3 alone", "to exit 2 e2", "chained / monolithic", "measured / ideal", "thresholds, 12",
+                   "to exit 3, rounds of 5 singles"):
         assert needle in text
 
 
