@@ -363,9 +363,13 @@ def bench(
                 sched = mix_schedule(mix, b, seed)
                 jobs[f"mix@{b}"] = partial(runner.predict, x, force_exits=sched)
         if xdata is not None:
-            def run_data(b: int = b, xdata: np.ndarray = xdata) -> None:
-                for s in range(0, xdata.shape[0], b):
-                    runner.predict(xdata[s : s + b])
+            # batch 1: a round of mix_round samples (the data repeated or cut to that
+            # length), like the per-exit reference rounds; batch b: all the data, b at a time
+            xd = xdata[np.arange(mix_round) % xdata.shape[0]] if b == 1 else xdata
+
+            def run_data(b: int = b, xd: np.ndarray = xd) -> None:
+                for s in range(0, xd.shape[0], b):
+                    runner.predict(xd[s : s + b])
 
             jobs[f"data@{b}"] = run_data
 
@@ -394,8 +398,9 @@ def bench(
                 ideal = float(np.dot(np.asarray(mix_counts(mix, b)) / b, ref))
             res = dataclasses.replace(res, mix_ideal_ms=ideal, mix_measured_ms=measured)
         if xdata is not None and data_exits is not None:
-            n = xdata.shape[0]
-            expected = float(np.mean([ref[e - 1] for e in data_exits])) / b
+            used = data_exits[np.arange(mix_round) % len(data_exits)] if b == 1 else data_exits
+            n = len(used)
+            expected = float(np.mean([ref[e - 1] for e in used])) / b
             measured = median_ms(times[f"data@{b}"], per=n)
             res = dataclasses.replace(res, thresholds_expected_ms=expected, thresholds_measured_ms=measured)
         results.append(res)
