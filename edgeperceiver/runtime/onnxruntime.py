@@ -1,10 +1,12 @@
-"""ONNX Runtime backend: one ``InferenceSession`` per segment, tensors stay numpy on the host.
+"""ONNX Runtime backend: one ``InferenceSession`` per segment, tensors stay in host memory.
 
 Session options: ``intra_op_num_threads`` (``threads``), graph optimisation level ALL,
-sequential execution, and optionally a cache of ORT-optimised models (``cache_dir``) so a
-second process skips graph optimisation. ``spin=False`` turns off the intra-op thread
-pool's busy-waiting: each segment session owns a thread pool, and threads still spinning
-after one segment finished compete with the next segment's threads on a small CPU.
+sequential execution, and optionally a cache of ORT-optimised models (``cache_dir``,
+keyed by the artifact's sha256, the ORT version and the providers; level-ALL models may be
+specific to the CPU they were optimised on, so keep the cache on the device).
+``spin=False`` turns off the intra-op thread pool's busy-waiting: each segment session
+owns a thread pool, and threads still spinning after one segment finished compete with
+the next segment's threads on a small CPU.
 
 Carried tensors stay ``OrtValue``s between segments (``run_with_ort_values``): a segment's
 outputs feed the next segment without being copied into new numpy arrays (about 0.2 ms
@@ -106,7 +108,7 @@ class OrtBackend:
         so = self.session_options()
         model: str = str(path)
         if self.config.cache_dir is not None:
-            cached = self._cached_path(path)
+            cached = self._cached_path(path, bundle.manifest.files.get(rel))
             if cached.is_file():
                 model = str(cached)
             else:
@@ -121,15 +123,17 @@ class OrtBackend:
         if self.config.cache_dir is not None and so.optimized_model_filepath:
             tmp = Path(so.optimized_model_filepath)
             if tmp.is_file():
-                os.replace(tmp, self._cached_path(path))
+                os.replace(tmp, self._cached_path(path, bundle.manifest.files.get(rel)))
         return OrtSession(sess, segment, self.ort.OrtValue)
 
-    def _cached_path(self, path: Path) -> Path:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        key = f"{h.hexdigest()[:24]}-ort{self.ort.__version__}-{'_'.join(self.config.providers)}"
+    def _cached_path(self, path: Path, digest: str | None) -> Path:
+        if digest is None:  # not listed in the manifest: hash it here
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            digest = h.hexdigest()
+        key = f"{digest[:24]}-ort{self.ort.__version__}-{'_'.join(self.config.providers)}"
         return Path(str(self.config.cache_dir)) / f"{key}.onnx"
 
 
