@@ -94,20 +94,27 @@ def export(
     from edgeperceiver import export as ex
 
     keep = _ints(exits, "--exits")
-    common = {"exits": keep, "labels": labels, "simplify": simplify, "opset": opset, "overwrite": force}
     if module is not None:
         shape = _ints(input_shape, "--input-shape")
         if shape is None or len(shape) != 3:
             raise InputError("--module needs --input-shape C,H,W")
-        report = ex.export_module(ex.load_module_factory(module)(), (shape[0], shape[1], shape[2]), out, **common)
+        report = ex.export_module(
+            ex.load_module_factory(module)(), (shape[0], shape[1], shape[2]), out,
+            exits=keep, labels=labels, simplify=simplify, opset=opset, overwrite=force,
+        )  # fmt: skip
     elif source is None:
         raise InputError("give a checkpoint or ONNX file to export, or --module package.module:factory")
     elif source.suffix.lower() == ".onnx":
         if not onnx_exits:
             raise InputError("exporting an ONNX model needs --onnx-exits name1,name2,... (the exit outputs, in order)")
-        report = ex.export_onnx(source, out, exits=onnx_exits.split(","), **common)
+        report = ex.export_onnx(
+            source, out, exits=onnx_exits.split(","),
+            keep=keep, labels=labels, simplify=simplify, opset=opset, overwrite=force,
+        )  # fmt: skip
     else:
-        report = ex.export_checkpoint(source, out, arch=arch, **common)
+        report = ex.export_checkpoint(
+            source, out, arch=arch, exits=keep, labels=labels, simplify=simplify, opset=opset, overwrite=force
+        )
     typer.echo(report.render())
     typer.echo(f"bundle written to {out}")
 

@@ -107,14 +107,14 @@ def test_edit_adds_target_and_thresholds(tmp_path: Path) -> None:
 def test_tampered_file_fails_checksum(tmp_path: Path) -> None:
     b = _write(tmp_path / "b")
     b.path("segments/seg2.onnx").write_bytes(b"evil")
-    with pytest.raises(BundleError, match=r"seg2.onnx fails its checksum"):
+    with pytest.raises(BundleError, match=r"seg2\.onnx fails its checksum"):
         Bundle.open(b.root)
 
 
 def test_missing_file_is_reported(tmp_path: Path) -> None:
     b = _write(tmp_path / "b")
     b.path("segments/seg1.onnx").unlink()
-    with pytest.raises(BundleError, match="seg1.onnx is missing"):
+    with pytest.raises(BundleError, match=r"seg1\.onnx is missing"):
         Bundle.open(b.root)
 
 
