@@ -1,0 +1,125 @@
+"""The CLI end to end on a tiny multi-exit module: export, compile, calibrate, run, bench, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cli import main
+from edgeperceiver.bundle import Bundle
+
+FACTORY = '''
+import torch
+from torch import nn
+
+
+class TwoExits(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.head1 = nn.Linear(8, 5)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.head2 = nn.Linear(16, 5)
+
+    def forward(self, x):
+        a = torch.relu(self.stem(x))
+        y1 = self.head1(a.mean((2, 3)))
+        b = torch.relu(self.body(a)).mean((2, 3))
+        return y1, self.head2(torch.cat([b, a.mean((2, 3))], 1))
+
+
+def make():
+    return TwoExits()
+'''
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # Typer's standalone mode exits itself on success / usage errors
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def factory(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("factory") / "twoexits.py"
+    path.write_text(FACTORY)
+    return f"{path}:make"
+
+
+@pytest.fixture
+def bundle(tmp_path: Path, factory: str, capsys: pytest.CaptureFixture[str]) -> Path:
+    out = tmp_path / "bundle"
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(["cat", "dog", "fox", "owl", "eel"]) + "\n")
+    code, text, err = _cli(
+        capsys, "export", "--module", factory, "--input-shape", "3,16,16", "-o", out, "--labels", labels
+    )
+    assert code == 0, err
+    assert "bundle written to" in text
+    return out
+
+
+def test_export_run_calibrate_bench(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    b = Bundle.open(bundle)
+    assert b.manifest.exits and len(b.manifest.segments) == 2
+    assert b.manifest.classes == ("cat", "dog", "fox", "owl", "eel")
+
+    x = np.random.default_rng(0).standard_normal((6, 3, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    code, text, err = _cli(capsys, "run", bundle, tmp_path / "x.npy", "--json")
+    assert code == 0, err
+    rows = [json.loads(line) for line in text.splitlines()]
+    assert len(rows) == 6 and {r["exit"] for r in rows} == {2}  # no thresholds yet: last exit
+    assert all(r["class_name"] in b.manifest.classes for r in rows)
+
+    code, text, err = _cli(capsys, "calibrate", bundle, "--set", "0,0")  # everything leaves at exit 1
+    assert code == 0, err
+    code, text, err = _cli(capsys, "run", bundle, tmp_path / "x.npy", "--json")
+    assert {json.loads(line)["exit"] for line in text.splitlines()} == {1}
+
+    code, text, err = _cli(capsys, "bench", bundle, "--batch-sizes", "1", "--repeats", "3", "--json")
+    assert code == 0, err
+    assert json.loads(text)
+
+
+def test_compile_and_run_onnxruntime(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, text, err = _cli(capsys, "compile", bundle, "--target", "onnxruntime", "--precision", "fp32")
+    assert code == 0, err
+    assert "compiled onnxruntime-fp32" in text
+
+
+def test_errors_are_one_line_with_exit_codes(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _cli(capsys, "models", "no_such_model")
+    assert code == 2 and err.startswith("error: unknown model") and "Traceback" not in err
+
+    code, _, err = _cli(capsys, "run", tmp_path / "nowhere", tmp_path / "x.npy")
+    assert code == 6 and "not a bundle" in err
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    code, _, err = _cli(capsys, "run", bundle, bad)
+    assert code == 2 and "broken.png" in err and "Traceback" not in err
+
+    code, _, err = _cli(capsys, "export", tmp_path / "m.onnx", "-o", tmp_path / "b2")
+    assert code == 2 and "--onnx-exits" in err
+
+    code, _, err = _cli(capsys, "compile", bundle, "--target", "openvino", "--precision", "fp16")
+    assert code == 2 and "does not support precision fp16" in err
+
+    (bundle / "segments" / "seg1.onnx").write_bytes(b"tampered")
+    code, _, err = _cli(capsys, "run", bundle, tmp_path / "x.npy")
+    assert code == 6 and "checksum" in err
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    code, text, _ = _cli(capsys, "--help")
+    assert code == 0
+    for command in ("models", "export", "compile", "calibrate", "run", "bench", "demo"):
+        assert command in text
