@@ -23,7 +23,7 @@ from edgeperceiver.types import Criterion
 
 from .collect import ExitRecord, collect
 from .data import Dataset, load_dataset, split_fit_check
-from .goals import Budget, ExitCosts, Goal, MaxDrop, PaperMix, Risk, exit_costs
+from .goals import Budget, ExitCosts, Goal, MaxDrop, PaperMix, Risk, exit_costs, monotone
 from .paper import mix_thresholds
 from .policies import OperatingPoint, budget, evaluate, max_drop, single_exit
 from .report import CurvePoint, build_curve, csv_bytes, pareto_png, render_table, threshold_text
@@ -301,13 +301,20 @@ def calibrate(
     batch_size: int = 32,
     cache: bool = True,
     write: bool = True,
+    latency: str = "entry",
+    bench_repeats: int = 20,
 ) -> CalibrationResult:
     """Calibrate ``target``'s thresholds for ``goal`` (default ``MaxDrop(0.5)``) on held-out ``data``.
 
     ``data`` is an ImageFolder/image directory, a ``.npz`` (x, y) or a :class:`Dataset`;
     ``exits`` (1-based) limits which exits may fire. With ``write`` the thresholds, a summary
-    and the report files go into the bundle (atomically).
+    and the report files go into the bundle (atomically). ``latency="entry"`` takes the cost
+    per exit from the target entry (``latency_ms``, else FLOPs); ``"bench"`` measures it now,
+    batch 1 through the runtime (:func:`edgeperceiver.bench.bench`, ``bench_repeats`` medians),
+    which includes the runtime's own per-call work.
     """
+    if latency not in ("entry", "bench"):
+        raise InputError(f"latency must be 'entry' or 'bench', got {latency!r}")
     goal = MaxDrop(0.5) if goal is None else goal
     b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
     manifest = b.manifest
@@ -331,7 +338,10 @@ def calibrate(
     unit = None
     if isinstance(goal, Budget):
         unit = "ms" if goal.ms is not None else "GFLOPs"
-    costs = exit_costs(manifest, entry, unit=unit)
+    if latency == "bench" and unit != "GFLOPs":
+        costs = measured_costs(b, entry.key, repeats=bench_repeats)
+    else:
+        costs = exit_costs(manifest, entry, unit=unit)
     result = choose(record, goal, costs, criterion=criterion, exits=exits, fit_fraction=fit_fraction, seed=seed)
     notes = result.notes
     if dataset.skipped:
@@ -340,6 +350,17 @@ def calibrate(
     if not write:
         return result
     return _write(b.root, entry.key, result)
+
+
+def measured_costs(bundle: Bundle, target: str, *, repeats: int = 20) -> ExitCosts:
+    """Cumulative batch-1 latency to each exit through the runtime, measured now by ``bench``."""
+    from edgeperceiver.bench import bench
+
+    report = bench(bundle, target, batch_sizes=(1,), repeats=repeats, warmup=2)
+    cum = tuple(float(v) for v in report.batch(1).cumulative_ms)
+    return monotone(
+        ExitCosts(cum, "ms", f"latency through the runtime on {target}, batch 1 (bench, median of {repeats})")
+    )
 
 
 def _replace(result: CalibrationResult, **changes: Any) -> CalibrationResult:

@@ -127,7 +127,8 @@ def exit_costs(manifest: Manifest, entry: TargetEntry, *, unit: str | None = Non
                 f"target {entry.key} has no measured latency per exit: run 'edgeperceiver bench BUNDLE "
                 f"--target {entry.key}' first, or give the budget in GFLOPs"
             )
-        return ExitCosts(tuple(float(v) for v in entry.latency_ms), "ms", f"latency measured on {entry.key} (batch 1)")
+        return monotone(ExitCosts(tuple(float(v) for v in entry.latency_ms), "ms",
+                                  f"latency measured on {entry.key} (batch 1)"))
     if unit == "GFLOPs" or (unit is None and have_flops):
         if not have_flops:
             raise CalibrationError("the bundle records no FLOPs per segment; a GFLOPs budget cannot be checked")
@@ -139,3 +140,17 @@ def exit_costs(manifest: Manifest, entry: TargetEntry, *, unit: str | None = Non
     if unit is not None:
         raise InputError(f"unknown cost unit {unit!r} (use 'ms' or 'GFLOPs')")
     return ExitCosts(tuple(float(i + 1) for i in range(k)), "segments", "segments run (no latency or FLOPs recorded)")
+
+
+def monotone(costs: ExitCosts) -> ExitCosts:
+    """Costs made non-decreasing (a later exit runs everything an earlier one does).
+
+    Measured latencies on a noisy machine can come out non-monotone; the running maximum
+    is used then, and the source says so.
+    """
+    fixed: list[float] = []
+    for v in costs.values:
+        fixed.append(max(v, fixed[-1]) if fixed else v)
+    if fixed == list(costs.values):
+        return costs
+    return ExitCosts(tuple(fixed), costs.unit, costs.source + "; made non-decreasing (measurement noise)")

@@ -185,3 +185,20 @@ def test_text_progress_draws_one_bar_per_stage() -> None:
     lines = out.getvalue().split("\n")
     assert lines[0].endswith("[##########] 2/2") and "reading held-out data" in lines[0]
     assert lines[1].endswith("[##########] 1/1") and "running every exit" in lines[1]
+
+
+def test_costs_from_bench_flops_or_segments(toy: tuple[Path, Path, np.ndarray]) -> None:
+    from calibration.goals import ExitCosts, exit_costs, monotone
+
+    bundle, data, _ = toy
+    res = cal.calibrate(bundle, data, goal=cal.MaxDrop(2.0), latency="bench", bench_repeats=3, write=False)
+    assert res.costs.unit == "ms" and "bench" in res.costs.source
+    assert all(b >= a for a, b in zip(res.costs.values, res.costs.values[1:], strict=False))
+    m = Bundle.open(bundle).manifest
+    assert exit_costs(m, m.target(None)).unit == "segments"  # the toy bundle records no FLOPs
+    with pytest.raises(CalibrationError, match="FLOPs"):
+        exit_costs(m, m.target(None), unit="GFLOPs")
+    noisy = monotone(ExitCosts((1.0, 3.0, 2.5, 4.0), "ms", "x"))
+    assert noisy.values == (1.0, 3.0, 3.0, 4.0) and "non-decreasing" in noisy.source
+    with pytest.raises(InputError, match="latency"):
+        cal.calibrate(bundle, data, latency="guess")

@@ -21,8 +21,6 @@ def test_max_drop_on_the_demo_digits(tmp_path: Path, monkeypatch: pytest.MonkeyP
     from edgeperceiver.datasets import load_digits_split, to_model_input
     from edgeperceiver.export import export_checkpoint
     from edgeperceiver.models import demo_checkpoint
-    from edgeperceiver.types import Precision, TargetName
-    from targets import compile_bundle
 
     monkeypatch.setenv("EDGEPERCEIVER_CACHE", str(tmp_path / "cache"))
     try:
@@ -36,13 +34,10 @@ def test_max_drop_on_the_demo_digits(tmp_path: Path, monkeypatch: pytest.MonkeyP
     split = load_digits_split(size)
     x = to_model_input(split.x_heldout, manifest.preprocess.mean, manifest.preprocess.std)
     np.savez(tmp_path / "heldout.npz", x=x, y=split.y_heldout)
-    # measured batch-1 latency per exit on the target (the cost calibration trades against accuracy)
-    entry = compile_bundle(bundle, TargetName.ONNXRUNTIME, Precision.FP32, options={"threads": 1})
-    assert len(entry.latency_ms) == len(manifest.segments)
-
-    result = cal.calibrate(bundle, tmp_path / "heldout.npz", goal=cal.MaxDrop(0.5), seed=0)
+    # cost per exit: batch-1 latency through the runtime, measured on the target by bench
+    result = cal.calibrate(bundle, tmp_path / "heldout.npz", goal=cal.MaxDrop(0.5), seed=0, latency="bench")
     print(result.render())
-    assert result.costs.unit == "ms"
+    assert result.costs.unit == "ms" and len(result.costs.values) == len(manifest.segments)
     assert result.check.accuracy is not None and result.final_check.accuracy is not None
     assert result.met, "max_drop 0.5 must hold on the checking part"
     assert result.check.accuracy >= result.final_check.accuracy - 0.005
@@ -56,4 +51,6 @@ def test_max_drop_on_the_demo_digits(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert b1.thresholds_measured_ms is not None
     print(f"bench batch 1: early exit {b1.thresholds_measured_ms:.3f} ms/sample vs last exit "
           f"{b1.cumulative_ms[-1]:.3f} ms")
-    assert b1.thresholds_measured_ms < b1.cumulative_ms[-1]
+    # most samples leave at exit 1, so the saving is large, not a rounding error (same bench run,
+    # interleaved timings: comparable even on a noisy machine)
+    assert b1.thresholds_measured_ms < 0.8 * b1.cumulative_ms[-1]
