@@ -175,18 +175,25 @@ def test_flops_are_cumulative_and_scale(torch_threads: Any) -> None:
 
 
 @pytest.mark.slow
-def test_onnx_export_dynamic_batch(torch_threads: Any) -> None:
+@pytest.mark.parametrize(
+    ("name", "size", "flags"),
+    [
+        ("reg400m_perceiver_t32", 112, {"num_classes": 10, "input_size": 112, "depth_factor": [1, 1, 1, 1]}),
+        ("digits_perceiver_t32", 32, {}),
+    ],
+)
+def test_onnx_export_dynamic_batch(torch_threads: Any, name: str, size: int, flags: dict[str, Any]) -> None:
     """TorchScript exporter, opset 17, dynamic batch: ONNX Runtime agrees at batch 1 and 3."""
     torch = torch_threads
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     torch.manual_seed(0)
-    model = create_model("reg400m_perceiver_t32", num_classes=10, input_size=112, depth_factor=[1, 1, 1, 1]).eval()
+    model = create_model(name, **flags).eval()
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "m.onnx"
         torch.onnx.export(
             model,
-            (torch.rand(1, 3, 112, 112),),
+            (torch.rand(1, 3, size, size),),
             str(path),
             dynamo=False,
             opset_version=17,
@@ -198,10 +205,36 @@ def test_onnx_export_dynamic_batch(torch_threads: Any) -> None:
         opts.intra_op_num_threads = 2
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         for b in (1, 3):
-            x = torch.rand(b, 3, 112, 112)
+            x = torch.rand(b, 3, size, size)
             with torch.no_grad():
                 ref = model(x)
             got = sess.run(None, {"image": x.numpy()})
             for r, g in zip(ref, got, strict=True):
                 assert g.shape == (b, 10)
                 assert float(np.abs(r.numpy() - g).max()) < 1e-4
+
+
+def test_demo_checkpoint_reproduces_reported_accuracy(torch_threads: Any) -> None:
+    """The shipped demo weights load and score what scripts/train_digits.py reported."""
+    torch = torch_threads
+    pytest.importorskip("sklearn")
+    from edgeperceiver.datasets import load_digits_split, to_model_input
+    from edgeperceiver.models import DEMO_MODEL, demo_checkpoint, load_checkpoint, read_checkpoint
+
+    path = demo_checkpoint()
+    assert path.stat().st_size < 5_000_000
+    reported = read_checkpoint(path)["metrics"]
+    model = load_checkpoint(path)
+    assert model.model_name == DEMO_MODEL and model.input_size == 32 and model.num_classes == 10
+    split = load_digits_split(model.input_size)
+    x = torch.from_numpy(to_model_input(split.x_heldout, model.mean, model.std))
+    y = torch.from_numpy(split.y_heldout)
+    with torch.no_grad():
+        outs = model(x)
+    acc = {n: float((o.argmax(1) == y).float().mean()) for n, o in zip(EXIT_NAMES, outs, strict=True)}
+    for n in EXIT_NAMES:
+        assert abs(acc[n] - reported[n]) <= 0.005, f"{n}: {acc[n]:.4f} vs reported {reported[n]:.4f}"
+    assert acc["y_early3"] > 0.85 and acc["y_merge"] > 0.97
+    assert acc["y_merge"] >= acc["y_early3"]
+    flops = count_flops(model)
+    assert flops[0] < 0.5 * flops[-1]  # exit 1 is clearly cheaper than exit 4

@@ -50,7 +50,7 @@ def render(raw: np.ndarray, size: int) -> np.ndarray:
     paper = np.clip(255.0 - raw.astype(np.float64) * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
     out = np.empty((raw.shape[0], size, size, 3), dtype=np.uint8)
     for i, img in enumerate(paper):
-        big = Image.fromarray(img, mode="L").resize((size, size), Image.Resampling.BILINEAR)
+        big = Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR)
         out[i] = np.asarray(big, dtype=np.uint8)[:, :, None]
     return out
 
@@ -122,7 +122,7 @@ def write_imagefolder(
             (stage / name).mkdir()
         width = max(5, len(str(len(images))))
         for i, (img, y) in enumerate(zip(images, labels, strict=True)):
-            Image.fromarray(img, mode="RGB").save(stage / classes[int(y)] / f"{i:0{width}d}.png")
+            Image.fromarray(img).save(stage / classes[int(y)] / f"{i:0{width}d}.png")
         if dest.exists():
             dest.rmdir()
         os.replace(stage, dest)
