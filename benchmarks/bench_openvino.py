@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """OpenVINO on reg800m_perceiver_t128, 224x224: every contender timed in one interleaved run.
 
-    .venv/bin/python benchmarks/bench_openvino.py [--threads 2] [--repeats 40] [--batch 1]
+    .venv/bin/python benchmarks/bench_openvino.py [--threads 2] [--rounds 8] [--block 6] [--batch 1]
                                                   [--bundle DIR] [--calib 128] [--json OUT]
 
 Exports the golden checkpoint (or reuses ``--bundle``), compiles it for OpenVINO fp32,
@@ -21,12 +21,6 @@ cut's price at fp32 and int8) and the INT8 compile report (per exit agreement wi
 
 from __future__ import annotations
 
-import os
-
-# PyTorch's OpenMP threads busy-wait after every parallel region; interleaved with OpenVINO
-# in one process on 2 cores they starve it (and vice versa). Let idle threads sleep.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import dataclasses
 import json
@@ -34,6 +28,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,7 +38,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from edgeperceiver.bench import interleaved  # noqa: E402
 from edgeperceiver.bundle import Bundle, SegmentSpec, TargetEntry  # noqa: E402
 from edgeperceiver.runtime.openvino import OpenVINOBackend  # noqa: E402
 from edgeperceiver.runtime.runner import load  # noqa: E402
@@ -52,6 +46,30 @@ from edgeperceiver.types import Precision, TargetName  # noqa: E402
 MODEL = "reg800m_perceiver_t128"
 GOLDEN = REPO.parent / "shared" / "fixtures" / "dynperceiver"
 RunFn = Callable[[np.ndarray], object]
+
+
+def blocked_interleave(
+    jobs: Mapping[str, Callable[[], object]], *, rounds: int, block: int, seed: int = 0
+) -> dict[str, list[float]]:
+    """Time each job in blocks of ``block`` back-to-back calls, blocks interleaved over ``rounds``.
+
+    Every block starts with one untimed call: engines leave spinning worker threads behind
+    (OpenMP, ONNX Runtime, TBB), which would otherwise bill one engine for another's idle
+    spin on 2 cores. Interleaving the blocks (order reshuffled each round) still spreads
+    the machine's drift over every contender alike. Seconds per call.
+    """
+    rng = np.random.default_rng(seed)
+    names = list(jobs)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(rounds):
+        for i in rng.permutation(len(names)):
+            fn = jobs[names[int(i)]]
+            fn()
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                times[names[int(i)]].append(time.perf_counter() - t0)
+    return times
 
 
 def synthetic_images(n: int, size: int = 224, *, seed: int = 0) -> np.ndarray:
@@ -201,8 +219,8 @@ def openvino_contenders(threads: int) -> list[tuple[str, Callable[[Path], RunFn]
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=40)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=8, help="interleaved rounds")
+    p.add_argument("--block", type=int, default=6, help="timed back-to-back calls per contender per round")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--calib", type=int, default=128, help="synthetic calibration images for INT8")
     p.add_argument("--bundle", type=Path, default=None, help="an exported bundle (copied, then compiled)")
@@ -239,15 +257,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, build in rows:
             run = build(bundle)
             jobs[name] = (lambda run=run: run(x))
-        print(f"timing {len(jobs)} contenders x {args.repeats} interleaved repeats ...", file=sys.stderr)
-        times = interleaved(jobs, repeats=args.repeats, warmup=args.warmup)
+        print(f"timing {len(jobs)} contenders, {args.rounds} rounds x {args.block} calls ...", file=sys.stderr)
+        times = blocked_interleave(jobs, rounds=args.rounds, block=args.block)
         med = {n: statistics.median(t) * 1e3 for n, t in times.items()}
         q1 = {n: float(np.percentile(t, 25)) * 1e3 for n, t in times.items()}
         q3 = {n: float(np.percentile(t, 75)) * 1e3 for n, t in times.items()}
         eager = med["PyTorch eager fp32"]
         w = max(len(n) for n in med) + 2
         print(f"== {MODEL} 224x224, batch {args.batch}, {args.threads} threads, "
-              f"medians of {args.repeats} interleaved repeats ==")
+              f"medians of {args.rounds} interleaved rounds x {args.block} calls ==")
         print("engine".ljust(w) + f"{'median ms':>11}{'p25':>9}{'p75':>9}{'vs eager':>10}")
         for n in med:
             print(n.ljust(w) + f"{med[n]:11.2f}{q1[n]:9.2f}{q3[n]:9.2f}{eager / med[n]:9.2f}x")
