@@ -18,6 +18,7 @@ per-exit held-out accuracy of the weights as written (after the fp16 round trip)
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import sys
@@ -43,7 +44,7 @@ WHITE = 255
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -178,10 +179,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     ckpt: dict[str, Any] = {"model": sd, "args": args_ns, "epoch": a.epochs - 1, "metrics": metrics}
     a.out.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()  # serialise in memory: the archive's inner name never depends on a temp name
+    torch.save(ckpt, buf)
     fd, tmp = tempfile.mkstemp(prefix=f".{a.out.name}.", dir=a.out.parent)
-    os.close(fd)
     try:
-        torch.save(ckpt, tmp)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(buf.getvalue())
         os.replace(tmp, a.out)
     finally:
         if os.path.exists(tmp):

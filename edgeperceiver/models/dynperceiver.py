@@ -88,7 +88,7 @@ class DynPerceiver(nn.Module):
 
         self.with_x2z, self.with_z2x, self.with_dwc = c.with_x2z, c.with_z2x, c.with_dwc
         self.with_isc = c.with_isc
-        # registration order = official order, so state_dict keys come out in the same order
+        # official attribute names (state_dict keys); the order of registration does not matter
         if c.with_dwc:
             self.dwc1_x2z = nn.Conv2d(z_x[0], z_x[0], 7, padding=3, groups=z_x[0])
         self.cross_att1_x2z = x2z(0)
