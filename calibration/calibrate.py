@@ -303,6 +303,8 @@ def calibrate(
     write: bool = True,
     latency: str = "entry",
     bench_repeats: int = 20,
+    bench_threads: int | None = None,
+    bench_clock: str = "wall",
 ) -> CalibrationResult:
     """Calibrate ``target``'s thresholds for ``goal`` (default ``MaxDrop(0.5)``) on held-out ``data``.
 
@@ -311,7 +313,8 @@ def calibrate(
     and the report files go into the bundle (atomically). ``latency="entry"`` takes the cost
     per exit from the target entry (``latency_ms``, else FLOPs); ``"bench"`` measures it now,
     batch 1 through the runtime (:func:`edgeperceiver.bench.bench`, ``bench_repeats`` medians),
-    which includes the runtime's own per-call work.
+    which includes the runtime's own per-call work (``bench_threads``: the engine's threads then,
+    default the runtime's; ``bench_clock="cpu"``: process CPU time, for machines shared with others).
     """
     if latency not in ("entry", "bench"):
         raise InputError(f"latency must be 'entry' or 'bench', got {latency!r}")
@@ -339,7 +342,7 @@ def calibrate(
     if isinstance(goal, Budget):
         unit = "ms" if goal.ms is not None else "GFLOPs"
     if latency == "bench" and unit != "GFLOPs":
-        costs = measured_costs(b, entry.key, repeats=bench_repeats)
+        costs = measured_costs(b, entry.key, repeats=bench_repeats, threads=bench_threads, clock=bench_clock)
     else:
         costs = exit_costs(manifest, entry, unit=unit)
     result = choose(record, goal, costs, criterion=criterion, exits=exits, fit_fraction=fit_fraction, seed=seed)
@@ -352,15 +355,16 @@ def calibrate(
     return _write(b.root, entry.key, result)
 
 
-def measured_costs(bundle: Bundle, target: str, *, repeats: int = 20) -> ExitCosts:
+def measured_costs(
+    bundle: Bundle, target: str, *, repeats: int = 20, threads: int | None = None, clock: str = "wall"
+) -> ExitCosts:
     """Cumulative batch-1 latency to each exit through the runtime, measured now by ``bench``."""
     from edgeperceiver.bench import bench
 
-    report = bench(bundle, target, batch_sizes=(1,), repeats=repeats, warmup=2)
+    report = bench(bundle, target, batch_sizes=(1,), repeats=repeats, warmup=2, threads=threads, clock=clock)
     cum = tuple(float(v) for v in report.batch(1).cumulative_ms)
-    return monotone(
-        ExitCosts(cum, "ms", f"latency through the runtime on {target}, batch 1 (bench, median of {repeats})")
-    )
+    what = f"latency through the runtime on {target}, batch 1 (bench, median of {repeats}, {clock} clock)"
+    return monotone(ExitCosts(cum, "ms", what))
 
 
 def _replace(result: CalibrationResult, **changes: Any) -> CalibrationResult:
