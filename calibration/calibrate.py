@@ -223,7 +223,9 @@ def choose(
     check_risk: float | None = None
     if isinstance(goal, MaxDrop):
         assert fit.labels is not None
-        values = max_drop(fs, fit.preds, fit.labels, costs.values, goal.points, allowed, z=goal.z)
+        values = max_drop(
+            fs, fit.preds, fit.labels, costs.values, goal.points, allowed, z=goal.z, gains=goal.count_gains
+        )
     elif isinstance(goal, Budget):
         assert fit.labels is not None
         if (goal.ms is not None) != (costs.unit == "ms"):

@@ -284,8 +284,13 @@ def max_drop(
     points: float,
     allowed: Sequence[int] | None = None,
     z: float = 0.0,
+    gains: bool = True,
 ) -> ThresholdValues:
     """Lowest expected cost whose accuracy is >= the last allowed exit's minus ``points`` (percent).
+
+    With ``gains=False`` samples an early exit gets right and the final exit wrong do not
+    offset losses: the constraint is on the share the final exit gets right and the exit
+    taken wrong (an upper bound on the drop, less prone to fitting the fitting part's luck).
 
     With ``z > 0`` the accuracy drop must hold with a margin: ``mean(d) + z * sd(d) / sqrt(n)
     <= points / 100``, where ``d_i`` = (final exit right) - (exit taken right) is the paired
@@ -301,17 +306,22 @@ def max_drop(
         raise InputError(f"z must be a finite number >= 0, got {z}")
     correct = (preds == np.asarray(labels)[None, :]).astype(np.float64)
     changed = (correct != correct[allowed[-1]][None, :]).astype(np.float64)
+    lost = changed * correct[allowed[-1]][None, :]
     n = scores.shape[1]
     final = correct[allowed[-1]].sum()
     bound = points / 100.0
 
     def key(v: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, ...]:
-        mean = (final - v[0]) / n  # paired drop d_i in {-1, 0, 1}; d_i**2 = changed_i
-        var = np.maximum(v[1] / n - mean**2, 0.0)
+        if gains:
+            mean = (final - v[0]) / n  # paired drop d_i in {-1, 0, 1}; d_i**2 = changed_i
+            var = np.maximum(v[1] / n - mean**2, 0.0)
+        else:
+            mean = v[2] / n  # d_i = lost_i in {0, 1}
+            var = mean * (1.0 - mean)
         upper = mean + z * np.sqrt(var / n)
         return (np.maximum(0.0, np.round(upper - bound, 12)), np.round(c, 9), -v[0])
 
-    t = search(scores, np.stack([correct, changed]), costs, allowed, key, starting_points(scores, allowed))
+    t = search(scores, np.stack([correct, changed, lost]), costs, allowed, key, starting_points(scores, allowed))
     return finalize(_inf_last(t, allowed), allowed, scores.shape[0])
 
 

@@ -176,3 +176,15 @@ def test_budget_below_the_first_exit_is_infeasible() -> None:
         budget(scores, preds, y, (1.0, 2.0, 3.0), 0.5)
     with pytest.raises(InputError, match="exit costs"):
         budget(scores, preds, y, (1.0, 2.0), 2.0)
+
+
+def test_max_drop_without_gains_bounds_the_losses() -> None:
+    scores, preds, y = problem(600, 8)
+    costs = (1.0, 2.0, 3.0)
+    th = max_drop(scores, preds, y, costs, 1.0, gains=False)
+    taken = exit_taken(scores, th)
+    right_final = preds[-1] == y
+    right_taken = preds[taken, np.arange(len(y))] == y
+    assert np.mean(right_final & ~right_taken) <= 0.01 + 1e-12  # losses alone, not net of gains
+    net = evaluate(scores, preds, y, max_drop(scores, preds, y, costs, 1.0, gains=True), costs)
+    assert evaluate(scores, preds, y, th, costs).cost >= net.cost  # the stricter constraint costs more
