@@ -54,6 +54,7 @@ class CalibrationResult:
     final_check: OperatingPoint
     met: bool | None
     curve: tuple[CurvePoint, ...] = ()
+    exit_alone: tuple[float | None, ...] = ()  #: each exit's accuracy on every checking sample
     risk: RiskFit | None = None
     check_risk: float | None = None
     skipped: int = 0
@@ -84,6 +85,7 @@ class CalibrationResult:
             "fit": point(self.fit),
             "check": point(self.check),
             "final_check": point(self.final_check),
+            "exit_accuracy_all_check": list(self.exit_alone),
             "met_on_check": self.met,
             "speedup_vs_final": self.speedup,
             "skipped_unreadable": self.skipped,
@@ -108,13 +110,16 @@ class CalibrationResult:
             "",
         ]
         rows = []
+        alone = self.exit_alone or (None,) * len(self.costs.values)
         for k in range(len(self.costs.values)):
-            exit_acc = self.check.exit_accuracy[k]
+            exit_acc, all_acc = self.check.exit_accuracy[k], alone[k]
             rows.append([
                 str(k + 1), threshold_text(self.thresholds.values[k]), f"{100 * self.check.share[k]:.1f}%",
-                "-" if exit_acc is None else f"{100 * exit_acc:.1f}%", f"{self.costs.values[k]:.4g}",
+                "-" if exit_acc is None else f"{100 * exit_acc:.1f}%",
+                "-" if all_acc is None else f"{100 * all_acc:.1f}%", f"{self.costs.values[k]:.4g}",
             ])
-        lines.append(render_table(["exit", "threshold", "share", "accuracy", f"cost to exit ({unit})"], rows))
+        head = ["exit", "threshold", "share", "acc. of its samples", "acc. on all", f"cost to exit ({unit})"]
+        lines.append(render_table(head, rows))
         lines.append("")
 
         def acc(p: OperatingPoint) -> str:
@@ -274,6 +279,9 @@ def choose(
         met = check_risk <= goal.eps
     if costs.unit == "segments":
         notes.append("no latency or FLOPs in the bundle: cost counts segments run (run 'edgeperceiver bench')")
+    alone: tuple[float | None, ...] = (None,) * k_count
+    if check.labels is not None:
+        alone = tuple(float(a) for a in (check.preds == check.labels[None, :]).mean(axis=1))
     points: tuple[CurvePoint, ...] = ()
     if curve:
         points = build_curve(fs, fit.preds, fit.labels, cs, check.preds, check.labels, costs, allowed)
@@ -281,7 +289,8 @@ def choose(
         target=record.target, goal=goal, criterion=crit,
         thresholds=Thresholds(crit, _public(values), goal.describe()), costs=costs,
         exits=tuple(k + 1 for k in allowed), fit=fit_point, check=check_point, final_fit=final_fit,
-        final_check=final_check, met=met, curve=points, risk=risk_fit, check_risk=check_risk, notes=tuple(notes),
+        final_check=final_check, met=met, curve=points, exit_alone=alone, risk=risk_fit, check_risk=check_risk,
+        notes=tuple(notes),
     )
 
 
