@@ -184,7 +184,7 @@ def pareto_png(
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best", framealpha=0.6)
     exits = np.arange(1, len(chosen.share) + 1)
     bx.bar(exits, [100 * s for s in chosen.share], color="tab:blue")
     for k, (s, a) in enumerate(zip(chosen.share, chosen.exit_accuracy, strict=True), start=1):
