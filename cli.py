@@ -161,18 +161,21 @@ def calibrate(
     risk: Annotated[float | None, typer.Option(help="Max disagreement with the last exit (risk control).")] = None,
     delta: Annotated[float, typer.Option(help="Failure probability for --risk.")] = 0.1,
     paper_mix: Annotated[str | None, typer.Option(help="The paper's protocol: exit proportions p1,..,pK.")] = None,
-    set_: Annotated[str | None, typer.Option("--set", help="Set thresholds by hand, e.g. 0.9,0.8,1.1,0.")] = None,
+    set_: Annotated[
+        str | None, typer.Option("--set", help="Set thresholds by hand, e.g. 0.9,off,1.1,0 ('off' disables an exit).")
+    ] = None,
     criterion: Annotated[Criterion, typer.Option(help="Exit confidence score.")] = Criterion.MAX_SOFTMAX,
     exits: Annotated[str | None, typer.Option(help="Exits that may fire, 1-based (others off).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the fit/check split.")] = 0,
+    latency: Annotated[
+        str, typer.Option(help="Exit costs: 'entry' (measured at compile, else FLOPs) or 'bench' (measure now).")
+    ] = "entry",
 ) -> None:
     """Choose per-exit thresholds for a goal on held-out data, measured on the compiled target."""
     import calibration as cal
 
     if set_ is not None:
-        values = _floats(set_, "--set")
-        assert values is not None
-        typer.echo(cal.set_thresholds(bundle, values, target=target, criterion=criterion).render())
+        typer.echo(cal.set_thresholds(bundle, set_, target=target, criterion=criterion).render())
         return
     if data is None:
         raise InputError("calibrate needs --data HELD_OUT (or --set to set thresholds by hand)")
@@ -199,8 +202,9 @@ def calibrate(
         assert mix is not None
         goal = cal.PaperMix(mix)
     result = cal.calibrate(
-        bundle, data, target=target, goal=goal, criterion=criterion, exits=_ints(exits, "--exits"), seed=seed
-    )
+        bundle, data, target=target, goal=goal, criterion=criterion, exits=_ints(exits, "--exits"), seed=seed,
+        latency=latency, progress=cal.TextProgress(),
+    )  # fmt: skip
     typer.echo(result.render())
 
 

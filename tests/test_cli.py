@@ -79,7 +79,7 @@ def test_export_run_calibrate_bench(bundle: Path, tmp_path: Path, capsys: pytest
     assert len(rows) == 6 and {r["exit"] for r in rows} == {2}  # no thresholds yet: last exit
     assert all(r["class_name"] in b.manifest.classes for r in rows)
 
-    code, text, err = _cli(capsys, "calibrate", bundle, "--set", "0,0")  # everything leaves at exit 1
+    code, text, err = _cli(capsys, "calibrate", bundle, "--set", "0,off")  # everything leaves at exit 1
     assert code == 0, err
     code, text, err = _cli(capsys, "run", bundle, tmp_path / "x.npy", "--json")
     assert {json.loads(line)["exit"] for line in text.splitlines()} == {1}
