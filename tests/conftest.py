@@ -1,7 +1,9 @@
 """Shared pytest fixtures.
 
 ``golden_dir``: the official Dyn-Perceiver golden fixtures in the repository's sibling
-``shared/`` directory (skips cleanly when absent). ``torch_threads``: torch with 2 threads.
+``shared/`` directory (skips cleanly when absent). ``torch_threads``: torch with 1 thread
+(override with ``EDGEPERCEIVER_TEST_THREADS``): on a busy 2-core machine two threads per test
+process spin against each other and run these small models several times slower.
 Torch is imported only by the fixtures that need it.
 """
 
@@ -27,10 +29,10 @@ def golden_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def torch_threads() -> Iterator[Any]:
-    """The torch module, limited to a few threads (the CI machine has 2 cores)."""
+    """The torch module, limited to one thread by default (the CI machine has 2 cores)."""
     torch = pytest.importorskip("torch")
     before = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("EDGEPERCEIVER_TEST_THREADS", "2")))
+    torch.set_num_threads(int(os.environ.get("EDGEPERCEIVER_TEST_THREADS", "1")))
     yield torch
     torch.set_num_threads(before)
 

@@ -23,14 +23,6 @@ from edgeperceiver.models import (
     model_info,
 )
 
-# the largest backbones (40M+ parameters) build slowly on 2 cores: end-to-end only
-_SLOW = ("resnet50_perceiver", "resnet50_075", "resnet50_0625", "reg3x2g", "mobilenetV3_2x0", "mobilenetV3_1x5")
-
-
-def _params() -> list[Any]:
-    return [pytest.param(n, marks=pytest.mark.slow) if n.startswith(_SLOW) else n for n in list_models()]
-
-
 OFFICIAL_PREFIXES = {
     "reg400m": (32, 64, 128, 256, 512),
     "reg800m": (32, 64, 128, 256, 512),
@@ -64,7 +56,7 @@ def test_import_does_not_pull_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
-@pytest.mark.parametrize("name", _params())
+@pytest.mark.parametrize("name", list_models())
 def test_every_model_builds_runs_and_round_trips(torch_threads: Any, name: str) -> None:
     torch = torch_threads
     torch.manual_seed(0)
