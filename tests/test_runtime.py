@@ -305,7 +305,7 @@ def test_ort_optimized_model_cache(tmp_path: Path, toy: Path, x: np.ndarray) -> 
     a = load(toy, threads=1, cache_dir=cache)
     files = sorted(cache.glob("*.onnx"))
     assert len(files) == K
-    b = load(toy, threads=1, cache_dir=cache, spin=False)  # loads the cached models
+    b = load(toy, threads=1, cache_dir=cache, spin=True)  # loads the cached models
     assert sorted(cache.glob("*.onnx")) == files
     for ea, eb in zip(a.all_exits(x), b.all_exits(x), strict=True):
         np.testing.assert_allclose(ea, eb, rtol=0, atol=1e-5)
@@ -400,3 +400,17 @@ def test_command_main_prints_rows_and_maps_errors(
     assert "no such file" in capsys.readouterr().err
     assert main([str(tmp_path / "not-a-bundle"), str(tmp_path / "x.npy")]) == 6
     assert main([str(toy), str(tmp_path / "x.npy"), "--thresholds", "0,x,1"]) == 2
+
+
+def test_ort_session_options() -> None:
+    from edgeperceiver.runtime.onnxruntime import OrtBackend
+
+    so = OrtBackend(threads=2).session_options()
+    assert so.intra_op_num_threads == 2
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert OrtBackend(spin=True).session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    import onnxruntime as ort
+
+    assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    with pytest.raises(TargetError, match="providers"):
+        OrtBackend(providers=["NoSuchExecutionProvider"])
