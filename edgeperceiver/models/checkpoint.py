@@ -132,6 +132,7 @@ def load_checkpoint(
     ``'model'`` (then ``'state_dict'``, ``'module'``, ``'model_ema'``); pass
     ``key="model_ema"`` for the EMA weights. fp16/bf16 tensors are cast to float32.
 
+    ``strict=False`` ignores missing and unexpected keys; wrongly shaped ones always raise.
     Raises :class:`CheckpointError` for unreadable/unsafe files and key or shape mismatches,
     :class:`ModelError` for unknown names or flags.
     """
