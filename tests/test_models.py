@@ -154,7 +154,8 @@ def test_model_info() -> None:
     info = model_info("reg800m_perceiver_t128")
     assert info.input_size == 224 and info.num_classes == 1000
     assert info.mean == (0.485, 0.456, 0.406) and info.std == (0.229, 0.224, 0.225)
-    assert info.exit_names == EXIT_NAMES
+    assert info.exit_names == EXIT_NAMES and info.crop_pct == 0.875
+    assert model_info("digits_perceiver_t32").crop_pct == 1.0
 
 
 def test_flops_are_cumulative_and_scale(torch_threads: Any) -> None:

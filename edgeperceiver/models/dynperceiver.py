@@ -42,6 +42,7 @@ class DynPerceiver(nn.Module):
     exit_names: tuple[str, ...] = EXIT_NAMES
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    crop_pct: float = 0.875  #: evaluation transform: resize to input_size / crop_pct, centre-crop
 
     def __init__(self, config: DynPerceiverConfig, model_name: str = "") -> None:
         super().__init__()

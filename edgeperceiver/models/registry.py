@@ -43,6 +43,7 @@ class ModelSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     official: bool = True
     description: str = ""
+    crop_pct: float = 0.875  #: evaluation transform: resize to input_size / crop_pct, centre-crop input_size
 
     def config(self, **flags: Any) -> DynPerceiverConfig:
         """The config for these flags over the entry's defaults (flags must be known)."""
@@ -62,6 +63,7 @@ class ModelInfo:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     flags: Mapping[str, Any] = field(default_factory=dict)
+    crop_pct: float = 0.875  #: resize the shorter side to input_size / crop_pct, then centre-crop
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -117,7 +119,7 @@ def create_model(name: str, **flags: Any) -> nn.Module:
     from .dynperceiver import DynPerceiver
 
     model = DynPerceiver(cfg, model_name=name)
-    model.mean, model.std = spec.mean, spec.std
+    model.mean, model.std, model.crop_pct = spec.mean, spec.std, spec.crop_pct
     return model
 
 
@@ -127,7 +129,14 @@ def model_info(model: nn.Module | str) -> ModelInfo:
         spec = get_spec(model)
         cfg = spec.config()
         return ModelInfo(
-            spec.name, cfg.input_size, cfg.num_classes, EXIT_NAMES, spec.mean, spec.std, dict(spec.defaults)
+            spec.name,
+            cfg.input_size,
+            cfg.num_classes,
+            EXIT_NAMES,
+            spec.mean,
+            spec.std,
+            dict(spec.defaults),
+            spec.crop_pct,
         )
     mcfg = getattr(model, "config", None)
     name = str(getattr(model, "model_name", type(model).__name__))
@@ -140,6 +149,7 @@ def model_info(model: nn.Module | str) -> ModelInfo:
         mean=tuple(getattr(model, "mean", IMAGENET_MEAN)),
         std=tuple(getattr(model, "std", IMAGENET_STD)),
         flags=flags,
+        crop_pct=float(getattr(model, "crop_pct", 0.875)),
     )
 
 
@@ -199,5 +209,6 @@ register_model(
         ),
         official=False,
         description="demo: tiny RegNetY-style Dyn-Perceiver for 32x32 digits (scripts/train_digits.py)",
+        crop_pct=1.0,  # trained on whole 32x32 images: resize straight to 32, no crop
     )
 )
