@@ -217,7 +217,9 @@ def export_checkpoint(
     mean = tuple(float(v) for v in getattr(module, "mean", (0.485, 0.456, 0.406)))
     std = tuple(float(v) for v in getattr(module, "std", (0.229, 0.224, 0.225)))
     channels = int(getattr(module, "in_chans", None) or len(mean))
-    pre = Preprocess(size=(h, w), resize=round(min(h, w) / 0.875), mean=mean, std=std, channels=channels)
+    crop_pct = float(getattr(module, "crop_pct", 0.875))  # the model's evaluation transform
+    resize = None if crop_pct >= 1.0 else round(min(h, w) / crop_pct)
+    pre = Preprocess(size=(h, w), resize=resize, mean=mean, std=std, channels=channels)
     name = str(getattr(module, "model_name", None) or arch or type(module).__name__)
     return export_module(
         module, (channels, h, w), out, exit_names=getattr(module, "exit_names", None), preprocess=pre, name=name,

@@ -19,6 +19,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
 
     bundle = Bundle.open(tmp_path / "bundle")
     assert {"onnxruntime-fp32", "openvino-int8"} <= set(bundle.manifest.targets)
+    assert bundle.manifest.preprocess.resize is None  # the model's own transform: trained on whole images
     assert len(report.rows) == 4 and report.n_check > 200
     for row in report.rows:
         assert np.isclose(sum(row.share), 1.0)
