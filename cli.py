@@ -215,14 +215,16 @@ def run(
     target: TargetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
     batch_size: Annotated[int, typer.Option(help="Samples per batch.")] = 16,
-    thresholds: Annotated[str | None, typer.Option(help="Override thresholds, e.g. 0.9,0.8,0.7,0.")] = None,
+    thresholds: Annotated[str | None, typer.Option(help="Override thresholds, e.g. 0.9,off,0.7,0.")] = None,
 ) -> None:
     """Classify images with early exit; prints file, label, class, exit and confidence."""
     from edgeperceiver.runtime import load
     from edgeperceiver.runtime.cli_support import render_rows, run_inputs
+    from edgeperceiver.runtime.criteria import parse_thresholds
 
     runner = load(bundle, target)
-    rows = run_inputs(runner, inputs, batch_size=batch_size, thresholds=_floats(thresholds, "--thresholds"))
+    th = None if thresholds is None else parse_thresholds(thresholds)
+    rows = run_inputs(runner, inputs, batch_size=batch_size, thresholds=th)
     typer.echo(render_rows(rows, as_json=as_json))
 
 

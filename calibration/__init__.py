@@ -11,7 +11,7 @@ runtime's engine are imported when needed.
 
 from __future__ import annotations
 
-from .calibrate import CalibrationResult, ManualThresholds, calibrate, choose, parse_values, set_thresholds
+from .calibrate import CalibrationResult, ManualThresholds, calibrate, choose, set_thresholds
 from .collect import ExitRecord, collect
 from .data import Dataset, load_dataset, split_fit_check, stratified_subset
 from .goals import Budget, ExitCosts, Goal, MaxDrop, PaperMix, Risk, exit_costs
@@ -40,7 +40,6 @@ __all__ = [
     "evaluate",
     "exit_costs",
     "load_dataset",
-    "parse_values",
     "set_thresholds",
     "split_fit_check",
     "stratified_subset",

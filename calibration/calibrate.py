@@ -19,6 +19,7 @@ from typing import Any
 
 from edgeperceiver.bundle import Bundle, Thresholds, edit_bundle
 from edgeperceiver.errors import CalibrationError, InputError
+from edgeperceiver.runtime.criteria import parse_thresholds
 from edgeperceiver.types import Criterion
 
 from .collect import ExitRecord, collect
@@ -411,21 +412,6 @@ def _write(root: Path, key: str, result: CalibrationResult) -> CalibrationResult
     return result
 
 
-def parse_values(text: str) -> tuple[float | None, ...]:
-    """``"0.9,off,1.1,0"`` -> thresholds; ``off``/``none``/``-`` turn an exit off."""
-    out: list[float | None] = []
-    for raw in text.split(","):
-        token = raw.strip().lower()
-        if token in ("off", "none", "-"):
-            out.append(None)
-            continue
-        try:
-            out.append(float(token))
-        except ValueError:
-            raise InputError(f"threshold {raw!r} is neither a number nor 'off'") from None
-    return tuple(out)
-
-
 def set_thresholds(
     bundle: str | os.PathLike[str] | Bundle,
     values: Sequence[float | None] | str,
@@ -441,7 +427,7 @@ def set_thresholds(
     import dataclasses
 
     crit = Criterion(criterion)
-    vals = parse_values(values) if isinstance(values, str) else tuple(
+    vals = parse_thresholds(values) if isinstance(values, str) else tuple(
         None if v is None else float(v) for v in values
     )
     root = bundle.root if isinstance(bundle, Bundle) else Path(bundle)

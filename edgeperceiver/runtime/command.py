@@ -9,8 +9,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ..errors import EdgePerceiverError, InputError
+from ..errors import EdgePerceiverError
 from .cli_support import render_rows, run_inputs
+from .criteria import parse_thresholds
 from .runner import DEFAULT_BATCH_SIZE, load
 
 
@@ -30,29 +31,14 @@ def _parser(with_bundle: bool) -> argparse.ArgumentParser:
     return p
 
 
-def _thresholds(text: str | None) -> tuple[float | None, ...] | None:
-    if text is None:
-        return None
-    out: list[float | None] = []
-    for part in text.split(","):
-        part = part.strip()
-        if part.lower() in ("none", "off", "-"):
-            out.append(None)
-            continue
-        try:
-            out.append(float(part))
-        except ValueError:
-            raise InputError(f"--thresholds: {part!r} is not a number (or 'none')") from None
-    return tuple(out)
-
-
 def main(argv: Sequence[str] | None = None, *, bundle: str | None = None) -> int:
     """Parse ``argv``, classify, print; return the exit code (errors -> their family's code)."""
     args = _parser(bundle is None).parse_args(None if argv is None else list(argv))
     try:
         runner = load(bundle if bundle is not None else args.bundle, args.target, threads=args.threads,
                       batch_size=args.batch_size)
-        rows = run_inputs(runner, args.inputs, thresholds=_thresholds(args.thresholds))
+        th = None if args.thresholds is None else parse_thresholds(args.thresholds)
+        rows = run_inputs(runner, args.inputs, thresholds=th)
     except EdgePerceiverError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -81,3 +81,18 @@ def _score_row(p: np.ndarray, crit: Criterion) -> float:
         return 1.0
     top2 = np.partition(p, p.size - 2)[-2:]
     return float(top2[1] - top2[0])
+
+
+def parse_thresholds(text: str) -> tuple[float | None, ...]:
+    """``"0.9,off,1.1,0"`` -> one threshold per exit; ``off``/``none``/``-`` turn an exit off."""
+    out: list[float | None] = []
+    for raw in text.split(","):
+        token = raw.strip().lower()
+        if token in ("off", "none", "-"):
+            out.append(None)
+            continue
+        try:
+            out.append(float(token))
+        except ValueError:
+            raise InputError(f"threshold {raw.strip()!r} is neither a number nor 'off'") from None
+    return tuple(out)
