@@ -51,6 +51,10 @@ class QuantizeConfig:
     fast_bias_correction: bool = True
     ignored_types: tuple[str, ...] = ()
     ignored_names: tuple[str, ...] = ()
+    #: keep each exit's classifier head (the last MatMul/Gemm before an exit output) in float:
+    #: the heads make the logits that exit decisions and thresholds are taken on, and cost
+    #: well under 1% of the MACs
+    float_heads: bool = False
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary for manifests and reports."""
@@ -59,6 +63,7 @@ class QuantizeConfig:
             "smooth_quant": self.smooth_quant, "subset_size": self.subset_size,
             "fast_bias_correction": self.fast_bias_correction,
             "ignored_types": list(self.ignored_types), "ignored_names": list(self.ignored_names),
+            "float_heads": self.float_heads,
         }
 
 
@@ -80,10 +85,17 @@ def check_calibration(calib: np.ndarray, shape: Sequence[int | str] | None = Non
     return np.ascontiguousarray(calib, dtype=np.float32)
 
 
-def nncf_quantize(model: Any, feeds: Sequence[Mapping[str, np.ndarray]], config: QuantizeConfig) -> Any:
+def nncf_quantize(
+    model: Any,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    config: QuantizeConfig,
+    *,
+    exits: Sequence[str] = (),
+) -> Any:
     """Quantize ``model`` (ONNX ModelProto or openvino.Model) with NNCF PTQ on ``feeds``.
 
-    ``feeds`` is the calibration contract: one input dict per calibration step.
+    ``feeds`` is the calibration contract: one input dict per calibration step. ``exits``
+    (output tensor names) locate the classifier heads kept in float with ``float_heads``.
     """
     nncf = require("nncf", purpose="INT8 quantization")
     if config.preset not in ("performance", "mixed"):
@@ -93,11 +105,12 @@ def nncf_quantize(model: Any, feeds: Sequence[Mapping[str, np.ndarray]], config:
     advanced = nncf.AdvancedQuantizationParameters(
         smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=0.95 if config.smooth_quant else -1.0)
     )
+    names = list(config.ignored_names)
+    if config.float_heads:
+        names += [n for n in head_nodes(model, exits) if n not in names]
     ignored = None
-    if config.ignored_types or config.ignored_names:
-        ignored = nncf.IgnoredScope(
-            types=list(config.ignored_types), names=list(config.ignored_names), validate=False
-        )
+    if config.ignored_types or names:
+        ignored = nncf.IgnoredScope(types=list(config.ignored_types), names=names, validate=False)
     return nncf.quantize(
         model,
         nncf.Dataset(list(feeds)),
@@ -108,6 +121,40 @@ def nncf_quantize(model: Any, feeds: Sequence[Mapping[str, np.ndarray]], config:
         ignored_scope=ignored,
         advanced_parameters=advanced,
     )
+
+
+#: ops between a classifier's MatMul/Gemm and the exit output (bias, reshapes, casts)
+_HEAD_PASS = frozenset({"Add", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Convert", "Cast"})
+
+
+def head_nodes(model: Any, exits: Sequence[str]) -> list[str]:
+    """Names of the MatMul/Gemm nodes that make the ``exits`` (ONNX or OpenVINO model).
+
+    Walks back from each exit through bias adds and reshapes to the first matrix product.
+    """
+    found: list[str] = []
+    if hasattr(model, "graph"):  # onnx.ModelProto
+        producer = {o: n for n in model.graph.node for o in n.output}
+        for e in exits:
+            node = producer.get(e)
+            while node is not None and node.op_type in _HEAD_PASS:
+                node = producer.get(node.input[0])
+            if node is not None and node.op_type in ("MatMul", "Gemm"):
+                found.append(node.name)
+        return found
+    for result in model.get_results():  # openvino.Model
+        source = result.input(0).get_source_output()
+        if exits and not set(source.get_names()) & set(exits):
+            continue
+        op = source.get_node()
+        while op.get_type_name() in {"Add", "Reshape", "Squeeze", "Unsqueeze", "Convert"} or (
+            op.get_type_name() == "Multiply"  # Gemm's alpha
+            and op.input(1).get_source_output().get_node().get_type_name() == "Constant"
+        ):
+            op = op.input(0).get_source_output().get_node()
+        if op.get_type_name() == "MatMul":
+            found.append(op.get_friendly_name())
+    return found
 
 
 def image_feeds(calib: np.ndarray, input_name: str, batch: int = 1) -> list[dict[str, np.ndarray]]:
@@ -142,7 +189,8 @@ def quantize_qdq(
         raise InputError(f"model has no input {input_name!r}")
     shape = [d.dim_param if d.dim_param else d.dim_value for d in dims]
     calib = check_calibration(calib, shape)
-    quantized = nncf_quantize(model, image_feeds(calib, input_name), config)
+    exits = [o.name for o in model.graph.output]
+    quantized = nncf_quantize(model, image_feeds(calib, input_name), config, exits=exits)
     return split_shared_quantizers(quantized)
 
 

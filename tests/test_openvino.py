@@ -50,7 +50,7 @@ def test_entries_record_pinned_precision_and_report(compiled: Path) -> None:
     assert m.target("openvino-bf16").metadata["inference_precision"] == "bf16"
     int8 = m.target("openvino-int8")
     assert int8.metadata["inference_precision"] == "f32"
-    assert int8.metadata["method"] == "qdq"
+    assert int8.metadata["method"] == "segment"
     rows = int8.metadata["agreement"]["exits"]
     assert [r["exit"] for r in rows] == [1, 2, 3]
     assert all(0.0 <= r["top1_agreement"] <= 1.0 and r["max_abs_logit_diff"] > 0 for r in rows)
@@ -194,11 +194,12 @@ def test_failed_compile_leaves_bundle_byte_identical(
     assert not [p for p in compiled.parent.iterdir() if p.name.startswith(f".{compiled.name}.")]
 
 
-def test_per_segment_method_runs_and_reports(tmp_path: Path) -> None:
+def test_qdq_method_runs_and_reports(tmp_path: Path) -> None:
     root = make_toy_bundle(tmp_path / "toy", size=SIZE, width=WIDTH)
     entry = compile_bundle(root, TargetName.OPENVINO, Precision.INT8, calib_data=toy_inputs(32, size=SIZE, seed=5),
-                           options={**FAST, "method": "segment"})
-    assert entry.metadata["method"] == "segment"
+                           options={**FAST, "method": "qdq"})
+    assert entry.metadata["method"] == "qdq"
+    assert entry.monolithic == "openvino-int8/model.xml" and len(entry.metadata["agreement"]["exits"]) == 3
     x = toy_inputs(6, size=SIZE, seed=6)
     ref = load(root).all_exits(x)
     got = load(root, "openvino-int8", threads=1).all_exits(x)
