@@ -195,10 +195,13 @@ def _torch_worker(conn: Any, threads: int, checkpoint: str | None, batch: int) -
     model.eval()
     x = torch.from_numpy(synthetic_images(batch, seed=7))
     conn.send("ready")
-    while conn.recv():
-        with torch.inference_mode():
-            model(x)
-        conn.send(True)
+    try:
+        while conn.recv():
+            with torch.inference_mode():
+                model(x)
+            conn.send(True)
+    except EOFError:  # the benchmark finished and closed the pipe
+        return
 
 
 def pytorch_eager(threads: int, checkpoint: Path | None, batch: int) -> Callable[[Path], RunFn]:

@@ -49,7 +49,8 @@ def test_entries_record_pinned_precision_and_report(compiled: Path) -> None:
     assert m.target("openvino-fp32").metadata["inference_precision"] == "f32"
     assert m.target("openvino-bf16").metadata["inference_precision"] == "bf16"
     int8 = m.target("openvino-int8")
-    assert int8.metadata["inference_precision"] == "f32"
+    choice = int8.metadata.get("float_precision_choice")  # "auto": measured on this CPU
+    assert int8.metadata["inference_precision"] == (min(choice, key=choice.get) if choice else "f32")
     assert int8.metadata["method"] == "segment"
     rows = int8.metadata["agreement"]["exits"]
     assert [r["exit"] for r in rows] == [1, 2, 3]
@@ -161,6 +162,9 @@ def test_bad_options_are_input_errors(compiled: Path) -> None:
                        calib_data=np.full((4, 3, SIZE, SIZE), np.nan, np.float32))
     with pytest.raises(InputError):
         compile_bundle(compiled, TargetName.OPENVINO, Precision.FP16)
+    with pytest.raises(InputError, match="float_precision"):
+        compile_bundle(compiled, TargetName.OPENVINO, Precision.INT8, calib_data=toy_inputs(4, size=SIZE),
+                       options={"float_precision": "fp8"})
     assert inference_precision_hint(Precision.INT8) == "f32"
     assert inference_precision_hint("bf16") == "bf16"
 
@@ -197,8 +201,8 @@ def test_failed_compile_leaves_bundle_byte_identical(
 def test_qdq_method_runs_and_reports(tmp_path: Path) -> None:
     root = make_toy_bundle(tmp_path / "toy", size=SIZE, width=WIDTH)
     entry = compile_bundle(root, TargetName.OPENVINO, Precision.INT8, calib_data=toy_inputs(32, size=SIZE, seed=5),
-                           options={**FAST, "method": "qdq"})
-    assert entry.metadata["method"] == "qdq"
+                           options={**FAST, "method": "qdq", "float_precision": "f32"})
+    assert entry.metadata["method"] == "qdq" and entry.metadata["inference_precision"] == "f32"
     assert entry.monolithic == "openvino-int8/model.xml" and len(entry.metadata["agreement"]["exits"]) == 3
     x = toy_inputs(6, size=SIZE, seed=6)
     ref = load(root).all_exits(x)
