@@ -209,3 +209,22 @@ def test_qdq_method_runs_and_reports(tmp_path: Path) -> None:
     got = load(root, "openvino-int8", threads=1).all_exits(x)
     for r, q in zip(ref, got, strict=True):
         assert float(np.abs(q - r).max()) < 0.25 * float(np.abs(r).max())
+
+
+def test_bf16_entry_carries_bfloat16_bits_across_the_cut(compiled: Path) -> None:
+    from edgeperceiver.runtime.openvino import bf16_bits, bf16_to_float32
+
+    b = Bundle.open(compiled)
+    entry = b.manifest.target("openvino-bf16")
+    assert entry.metadata["carried_dtype"] == "bfloat16"
+    backend = OpenVINOBackend(threads=1)
+    s1, s2 = b.manifest.segments[0], b.manifest.segments[1]
+    seg1, seg2 = backend.open(b, entry, s1), backend.open(b, entry, s2)
+    x = toy_inputs(3, size=SIZE, seed=21)
+    out1 = seg1.run({"x": x})
+    assert out1["h1"].dtype == np.uint16 and out1["e1"].dtype == np.float32  # exits stay float32
+    via_bits = seg2.run({"h1": out1["h1"], "e1": out1["e1"]})
+    via_floats = seg2.run({"h1": bf16_to_float32(out1["h1"]), "e1": out1["e1"]})  # floats are converted
+    np.testing.assert_array_equal(via_bits["e2"], via_floats["e2"])
+    v = np.array([1.0, -2.5, 3.14159, 1e-3], np.float32)
+    np.testing.assert_allclose(bf16_to_float32(bf16_bits(v)), v, rtol=1e-2)

@@ -78,6 +78,33 @@ def inference_precision_hint(precision: Precision | str) -> str:
         raise InputError(f"unknown OpenVINO inference precision {precision!r} (use fp32, bf16 or f16)") from None
 
 
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
+    return (rounded >> np.uint32(16)).astype(np.uint16)
+
+
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32."""
+    return (np.ascontiguousarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def tensor_to_host(tensor: Any) -> np.ndarray:
+    """Copy an OpenVINO tensor out; bfloat16 comes back as its bit patterns (uint16).
+
+    (OpenVINO's Python API labels bf16 data float16, which would silently misread it.)
+    """
+    data = tensor.data
+    if str(tensor.get_element_type()) == "<Type: 'bfloat16'>":
+        return np.array(data.view(np.uint16), copy=True)
+    return np.array(data, copy=True)
+
+
+def is_bf16(port: Any) -> bool:
+    return str(port.get_element_type()) == "<Type: 'bfloat16'>"
+
+
 class OpenVINOBackend(HostArrays):
     """Runs OpenVINO IR segments on the CPU; carried tensors stay numpy arrays on the host."""
 
@@ -146,6 +173,9 @@ class OpenVINOSession:
         missing = [n for n in self.input_names if n not in model_inputs]
         if missing:
             raise TargetError(f"segment {segment.index}: compiled model lacks inputs {missing}")
+        #: carried tensors a bf16 entry keeps in bfloat16 across the cut (as uint16 bits)
+        self.bf16_inputs = frozenset(n for p in model.inputs if is_bf16(p) for n in p.get_names())
+        self._ov = require("openvino")
         self._compiled: dict[int, Any] = {}
         self._lock = threading.Lock()  # guards _compiled and the async queues
         self._local = threading.local()
@@ -199,10 +229,22 @@ class OpenVINOSession:
             return self._run_async(arrays, batch)
         req = self._request(batch)
         try:
-            req.infer(arrays)
+            req.infer(self._tensors(arrays))
         except RuntimeError as exc:
             raise TargetError(f"OpenVINO inference failed in segment {self.segment.index}: {exc}") from exc
-        return {n: np.array(req.get_tensor(n).data, copy=True) for n in self.output_names}
+        return {n: tensor_to_host(req.get_tensor(n)) for n in self.output_names}
+
+    def _tensors(self, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Feeds for OpenVINO: bfloat16 inputs wrapped as bf16 tensors over their bits."""
+        if not self.bf16_inputs:
+            return dict(arrays)
+        out: dict[str, Any] = {}
+        for n, a in arrays.items():
+            if n in self.bf16_inputs:
+                out[n] = self._ov.Tensor(a, shape=list(a.shape), type=self._ov.Type.bf16)
+            else:
+                out[n] = a
+        return out
 
     def _run_async(self, arrays: dict[str, np.ndarray], batch: int) -> dict[str, Any]:
         """Split the batch over the streams OpenVINO chose and run the chunks asynchronously."""
@@ -226,7 +268,7 @@ class OpenVINOSession:
                         queue.set_callback(_collect)
                         self._queues[size] = queue
                     used[size] = queue
-                    part = {k: v[s : s + size] for k, v in arrays.items()}
+                    part = self._tensors({k: np.ascontiguousarray(v[s : s + size]) for k, v in arrays.items()})
                     queue.start_async(part, (slots[slot], self.output_names))
                 for queue in used.values():
                     queue.wait_all()
@@ -246,7 +288,12 @@ class OpenVINOSession:
         arrays: dict[str, np.ndarray] = {}
         batch: int | None = None
         for spec in self.segment.inputs:
-            a = np.ascontiguousarray(feeds[spec.name], dtype=np.dtype(spec.dtype))
+            raw = feeds[spec.name]
+            if spec.name in self.bf16_inputs:  # bf16 bits from the previous segment, or floats
+                arr = np.asarray(raw)
+                a = np.ascontiguousarray(arr) if arr.dtype == np.uint16 else bf16_bits(arr)
+            else:
+                a = np.ascontiguousarray(raw, dtype=np.dtype(spec.dtype))
             if a.ndim != len(spec.shape):
                 raise InputError(f"input {spec.name!r}: expected {len(spec.shape)} dims, got shape {a.shape}")
             for got, want in zip(a.shape[1:], spec.shape[1:], strict=True):
@@ -266,4 +313,4 @@ def _collect(request: Any, userdata: tuple[dict[str, np.ndarray], tuple[str, ...
     """AsyncInferQueue callback: copy the outputs of a finished request into its slot."""
     slot, names = userdata
     for n in names:
-        slot[n] = np.array(request.get_tensor(n).data, copy=True)
+        slot[n] = tensor_to_host(request.get_tensor(n))
