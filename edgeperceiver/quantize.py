@@ -323,3 +323,50 @@ def exit_agreement(
             "max_abs_logit_diff": round(float(np.max(np.abs(a - b))), 5),
         })
     return rows
+
+
+def coerce_option(name: str, value: Any, default: Any) -> Any:
+    """Turn a CLI string (``--option key=value``) into the type of the option's default.
+
+    bool: true/false/yes/no/1/0; int; ``None`` default: an int or "none"; tuple: comma list.
+    Non-string values are returned unchanged (library callers pass real types).
+    """
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    try:
+        if isinstance(default, bool):
+            low = text.lower()
+            if low in ("true", "yes", "1", "on"):
+                return True
+            if low in ("false", "no", "0", "off"):
+                return False
+            raise ValueError(text)
+        if isinstance(default, int):
+            return int(text)
+        if default is None:
+            return None if text.lower() in ("", "none", "auto") else int(text)
+        if isinstance(default, tuple):
+            return tuple(p.strip() for p in text.split(",") if p.strip())
+    except ValueError:
+        raise InputError(f"option {name}={value!r}: expected a value like {default!r}") from None
+    return text
+
+
+def options_to(cls: Any, options: Mapping[str, Any], *, nested: str = "quant") -> Any:
+    """Build the frozen options dataclass ``cls`` (with a ``QuantizeConfig`` field ``nested``)."""
+    import dataclasses
+
+    quant_fields = {f.name: f for f in dataclasses.fields(QuantizeConfig)}
+    own_fields = {f.name: f for f in dataclasses.fields(cls) if f.name != nested}
+    unknown = sorted(set(options) - set(quant_fields) - set(own_fields))
+    if unknown:
+        raise InputError(f"unknown option(s) {unknown}; known: {sorted(set(own_fields) | set(quant_fields))}")
+
+    def default(f: Any) -> Any:
+        return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+    quant = QuantizeConfig(**{k: coerce_option(k, v, default(quant_fields[k]))
+                              for k, v in options.items() if k in quant_fields})
+    own = {k: coerce_option(k, v, default(own_fields[k])) for k, v in options.items() if k in own_fields}
+    return cls(**{nested: quant}, **own)

@@ -15,7 +15,6 @@ segment's measured batch-1 latency.
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import statistics
 import sys
@@ -29,7 +28,7 @@ import numpy as np
 from edgeperceiver._optional import require
 from edgeperceiver.bundle import BundleWriter, Manifest, TargetEntry
 from edgeperceiver.errors import InputError, TargetError
-from edgeperceiver.quantize import QuantizeConfig, check_calibration, exit_agreement, qdq_segments
+from edgeperceiver.quantize import QuantizeConfig, check_calibration, exit_agreement, options_to, qdq_segments
 from edgeperceiver.types import Precision, TargetName
 
 
@@ -44,13 +43,10 @@ class OrtOptions:
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> OrtOptions:
-        quant_keys = {f.name for f in dataclasses.fields(QuantizeConfig)}
-        own_keys = {f.name for f in dataclasses.fields(cls)} - {"quant"}
-        unknown = sorted(set(options) - quant_keys - own_keys)
-        if unknown:
-            raise InputError(f"unknown ONNX Runtime option(s) {unknown}; known: {sorted(own_keys | quant_keys)}")
-        quant = QuantizeConfig(**{k: v for k, v in options.items() if k in quant_keys})
-        opts = cls(quant=quant, **{k: v for k, v in options.items() if k in own_keys})
+        try:
+            opts: OrtOptions = options_to(cls, options)
+        except InputError as exc:
+            raise InputError(f"ONNX Runtime: {exc}") from None
         if opts.threads is not None and (isinstance(opts.threads, bool) or int(opts.threads) < 1):
             raise InputError(f"threads must be a positive integer, not {opts.threads!r}")
         return opts
@@ -66,6 +62,12 @@ def compile_target(
     if manifest is None:
         raise TargetError("internal: compile_target needs a bundle with a manifest")
     metadata: dict[str, Any] = {"onnxruntime": ort.__version__, "providers": ["CPUExecutionProvider"]}
+    lines: list[str] = []
+
+    def log(msg: str) -> None:
+        lines.append(msg.strip())
+        _log(msg)
+
     fp32_paths = [writer.dir / s.path for s in manifest.segments]
     if precision is Precision.FP32:
         paths = tuple(s.path for s in manifest.segments)
@@ -75,7 +77,7 @@ def compile_target(
         if calib is None:
             raise InputError("INT8 needs calibration images (--calib-data)")
         calib = check_calibration(calib, manifest.input.shape)
-        _log(f"quantizing INT8 (QDQ, whole graph) on {calib.shape[0]} calibration images ...")
+        log(f"quantizing INT8 (QDQ, whole graph) on {calib.shape[0]} calibration images ...")
         t0 = time.perf_counter()
         qmodel, segs = qdq_segments(writer.dir / manifest.model_path, manifest, calib, opts.quant)
         metadata["quantization"] = {**opts.quant.describe(), "calibration_images": int(calib.shape[0]),
@@ -104,7 +106,7 @@ def compile_target(
         rows = exit_agreement(ref, got, manifest.exits)
         metadata["agreement"] = {"images": int(images.shape[0]), "reference": "onnxruntime-fp32", "exits": rows}
         for row in rows:
-            _log(f"  exit {row['exit']} ({row['name']}): top-1 agreement with fp32 {row['top1_agreement']:.2%}, "
+            log(f"  exit {row['exit']} ({row['name']}): top-1 agreement with fp32 {row['top1_agreement']:.2%}, "
                  f"max |logit diff| {row['max_abs_logit_diff']:.4f}")
     latency: tuple[float, ...] = ()
     if opts.latency_runs > 0:
@@ -113,7 +115,8 @@ def compile_target(
         metadata["segment_ms"] = [round(x, 3) for x in seg_ms]
         metadata["latency_threads"] = opts.threads
         for k, (s, c) in enumerate(zip(seg_ms, latency, strict=True), start=1):
-            _log(f"  segment {k}: {s:.2f} ms (to exit {k}: {c:.2f} ms)")
+            log(f"  segment {k}: {s:.2f} ms (to exit {k}: {c:.2f} ms)")
+    metadata["report"] = "\n".join(lines)
     return TargetEntry(
         target=TargetName.ONNXRUNTIME, precision=precision, segments=paths, monolithic=mono,
         metadata=metadata, latency_ms=latency,

@@ -27,7 +27,6 @@ measured batch-1 latency (also the monolithic model's, and the cost of the cut).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import shutil
 import statistics
@@ -44,7 +43,7 @@ import numpy as np
 from edgeperceiver._optional import require
 from edgeperceiver.bundle import BATCH, BundleWriter, Manifest, SegmentSpec, TargetEntry
 from edgeperceiver.errors import InputError, TargetError
-from edgeperceiver.quantize import QuantizeConfig, check_calibration, exit_agreement, nncf_quantize
+from edgeperceiver.quantize import QuantizeConfig, check_calibration, exit_agreement, nncf_quantize, options_to
 from edgeperceiver.runtime.openvino import is_bf16, tensor_to_host
 from edgeperceiver.types import Precision, TargetName
 
@@ -71,15 +70,10 @@ class OpenVINOOptions:
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> OpenVINOOptions:
         """Build from the CLI's option dict; unknown keys are an :class:`InputError`."""
-        quant_keys = {f.name for f in dataclasses.fields(QuantizeConfig)}
-        own_keys = {f.name for f in dataclasses.fields(cls)} - {"quant"}
-        unknown = sorted(set(options) - quant_keys - own_keys)
-        if unknown:
-            raise InputError(
-                f"unknown OpenVINO option(s) {unknown}; known: {sorted(own_keys | quant_keys)}"
-            )
-        quant = QuantizeConfig(**{k: v for k, v in options.items() if k in quant_keys})
-        opts = cls(quant=quant, **{k: v for k, v in options.items() if k in own_keys})
+        try:
+            opts: OpenVINOOptions = options_to(cls, options)
+        except InputError as exc:
+            raise InputError(f"OpenVINO: {exc}") from None
         if opts.method not in METHODS:
             raise InputError(f"OpenVINO INT8 method must be one of {METHODS}, not {opts.method!r}")
         if opts.float_precision not in ("auto", "f32", "bf16"):
@@ -165,6 +159,7 @@ def compile_target(
 
     report = _report(core, manifest, fp32_models, seg_models, mono_src, calib, hint, opts, log, precision)
     metadata.update(report)
+    metadata["report"] = "\n".join(log.lines)
     latency = tuple(report.get("cumulative_ms", ()))
     return TargetEntry(
         target=TargetName.OPENVINO, precision=precision, segments=tuple(paths),
@@ -475,5 +470,11 @@ def _cpu_name(core: Any) -> str:
 
 
 class _Log:
+    """Prints progress to stderr and keeps the lines (the entry's ``metadata["report"]``)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
     def __call__(self, msg: str) -> None:
+        self.lines.append(msg.strip())
         print(msg, file=sys.stderr, flush=True)

@@ -152,7 +152,7 @@ def test_bad_options_are_input_errors(compiled: Path) -> None:
         OpenVINOBackend(hint="FASTEST")
     with pytest.raises(InputError, match="threads"):
         OpenVINOBackend(threads=0)
-    with pytest.raises(InputError, match="unknown OpenVINO option"):
+    with pytest.raises(InputError, match="OpenVINO: unknown option"):
         compile_bundle(compiled, TargetName.OPENVINO, Precision.FP32, options={"turbo": True})
     with pytest.raises(InputError, match="method"):
         compile_bundle(compiled, TargetName.OPENVINO, Precision.INT8, calib_data=toy_inputs(4, size=SIZE),
@@ -162,6 +162,8 @@ def test_bad_options_are_input_errors(compiled: Path) -> None:
                        calib_data=np.full((4, 3, SIZE, SIZE), np.nan, np.float32))
     with pytest.raises(InputError):
         compile_bundle(compiled, TargetName.OPENVINO, Precision.FP16)
+    with pytest.raises(InputError, match="smooth_quant"):
+        compile_bundle(compiled, TargetName.OPENVINO, Precision.FP32, options={"smooth_quant": "maybe"})
     with pytest.raises(InputError, match="float_precision"):
         compile_bundle(compiled, TargetName.OPENVINO, Precision.INT8, calib_data=toy_inputs(4, size=SIZE),
                        options={"float_precision": "fp8"})
@@ -201,8 +203,11 @@ def test_failed_compile_leaves_bundle_byte_identical(
 def test_qdq_method_runs_and_reports(tmp_path: Path) -> None:
     root = make_toy_bundle(tmp_path / "toy", size=SIZE, width=WIDTH)
     entry = compile_bundle(root, TargetName.OPENVINO, Precision.INT8, calib_data=toy_inputs(32, size=SIZE, seed=5),
-                           options={**FAST, "method": "qdq", "float_precision": "f32"})
+                           options={"latency_runs": "3", "report_samples": "16", "threads": "1",  # CLI strings
+                                    "method": "qdq", "float_precision": "f32", "smooth_quant": "false"})
     assert entry.metadata["method"] == "qdq" and entry.metadata["inference_precision"] == "f32"
+    assert entry.metadata["quantization"]["smooth_quant"] is False and entry.metadata["latency_threads"] == 1
+    assert "exit 1" in entry.metadata["report"]
     assert entry.monolithic == "openvino-int8/model.xml" and len(entry.metadata["agreement"]["exits"]) == 3
     x = toy_inputs(6, size=SIZE, seed=6)
     ref = load(root).all_exits(x)

@@ -49,5 +49,5 @@ def test_fp32_and_int8_entries(tmp_path: Path) -> None:
     for r, q in zip(ref, got, strict=True):
         assert not np.array_equal(r, q)
         assert float(np.abs(q - r).max()) < 0.25 * float(np.abs(r).max())
-    with pytest.raises(InputError, match="unknown ONNX Runtime option"):
+    with pytest.raises(InputError, match="ONNX Runtime: unknown option"):
         compile_bundle(root, TargetName.ONNXRUNTIME, Precision.FP32, options={"turbo": 1})
