@@ -229,7 +229,7 @@ class OpenVINOSession:
             return self._run_async(arrays, batch)
         req = self._request(batch)
         try:
-            req.infer(self._tensors(arrays), share_inputs=True)
+            req.infer(self._tensors(arrays), share_inputs=True, share_outputs=True)
         except RuntimeError as exc:
             raise TargetError(f"OpenVINO inference failed in segment {self.segment.index}: {exc}") from exc
         return {n: tensor_to_host(req.get_tensor(n)) for n in self.output_names}
