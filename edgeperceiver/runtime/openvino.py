@@ -8,7 +8,10 @@ Facts this module is built on (measured on the project's 2-core Zen4 CPU):
 - OpenVINO picks bf16 on CPUs that support it unless ``INFERENCE_PRECISION_HINT`` is
   pinned; the precision a target entry was compiled and calibrated for is stored in its
   metadata (``inference_precision``) and is the one pinned here;
-- ``CACHE_DIR`` makes the second process start from OpenVINO's compiled-blob cache.
+- ``CACHE_DIR`` makes the second process start from OpenVINO's compiled-blob cache;
+- a bf16 entry (and an INT8 one whose float parts run bf16) carries its inter-segment
+  tensors in bfloat16: they travel between segments as numpy ``uint16`` bit patterns
+  (:func:`bf16_to_float32` reads them); exits and the image stay float32.
 
 Thread safety: a compiled model is shared; every thread gets its own infer request (one
 per thread and compiled model), so concurrent ``run`` calls never share buffers. The
