@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path, PurePosixPath
@@ -321,16 +321,29 @@ class BundleWriter:
         self.manifest = manifest
 
 
-@contextmanager
-def write_bundle(dest: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[BundleWriter]:
+def write_bundle(dest: str | os.PathLike[str], *, overwrite: bool = False) -> AbstractContextManager[BundleWriter]:
     """Stage a new bundle and rename it to ``dest`` only if the block succeeds."""
     dest = Path(dest)
     if dest.exists() and not overwrite:
         raise BundleError(f"{dest} already exists (pass overwrite / --force to replace it)")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    return _staged(dest, None)
+
+
+def edit_bundle(root: str | os.PathLike[str]) -> AbstractContextManager[BundleWriter]:
+    """Edit a bundle atomically: the original stays untouched unless the block succeeds."""
+    bundle = Bundle.open(root)
+    return _staged(bundle.root, bundle)
+
+
+@contextmanager
+def _staged(dest: Path, base: Bundle | None) -> Iterator[BundleWriter]:
+    """A sibling staging directory (hard-linked copy of ``base``), swapped in on success."""
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".staging", dir=dest.parent))
     try:
-        writer = BundleWriter(staging, None)
+        if base is not None:
+            _link_files(base, staging)
+        writer = BundleWriter(staging, None if base is None else base.manifest)
         yield writer
         writer._finish()
         _swap_into_place(staging, dest)
@@ -339,27 +352,14 @@ def write_bundle(dest: str | os.PathLike[str], *, overwrite: bool = False) -> It
         raise
 
 
-@contextmanager
-def edit_bundle(root: str | os.PathLike[str]) -> Iterator[BundleWriter]:
-    """Edit a bundle atomically: the original stays untouched unless the block succeeds."""
-    bundle = Bundle.open(root)
-    root = bundle.root
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".staging", dir=root.parent))
-    try:
-        for rel in bundle.manifest.files:
-            src, dst = root / rel, staging / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)
-        writer = BundleWriter(staging, bundle.manifest)
-        yield writer
-        writer._finish()
-        _swap_into_place(staging, root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+def _link_files(bundle: Bundle, staging: Path) -> None:
+    for rel in bundle.manifest.files:
+        src, dst = bundle.root / rel, staging / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
 
 
 def _swap_into_place(staging: Path, dest: Path) -> None:
