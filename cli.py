@@ -241,12 +241,16 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Measure per-segment, per-exit, monolithic and early-exit latency on a target."""
+    from functools import partial
+
+    from calibration.report import TextProgress
     from edgeperceiver.bench import bench as run_bench
 
     sizes = _ints(batch_sizes, "--batch-sizes") or (1,)
     report = run_bench(
-        bundle, target, batch_sizes=sizes, exit_mix=_floats(exit_mix, "--exit-mix"), data=data, repeats=repeats
-    )
+        bundle, target, batch_sizes=sizes, exit_mix=_floats(exit_mix, "--exit-mix"), data=data, repeats=repeats,
+        progress=partial(TextProgress(), "timing (interleaved)"),
+    )  # fmt: skip
     typer.echo(report.to_json() if as_json else report.render())
 
 
