@@ -233,3 +233,25 @@ def test_bf16_entry_carries_bfloat16_bits_across_the_cut(compiled: Path) -> None
     np.testing.assert_array_equal(via_bits["e2"], via_floats["e2"])
     v = np.array([1.0, -2.5, 3.14159, 1e-3], np.float32)
     np.testing.assert_allclose(bf16_to_float32(bf16_bits(v)), v, rtol=1e-2)
+
+
+def test_session_outputs_are_caller_owned_across_calls(compiled: Path) -> None:
+    """Outputs are written straight into fresh arrays: the next call must not overwrite them."""
+    b = Bundle.open(compiled)
+    for key in ("openvino-fp32", "openvino-bf16"):
+        entry = b.manifest.target(key)
+        backend = OpenVINOBackend(threads=1)
+        seg = b.manifest.segments[0]
+        sess = backend.open(b, entry, seg)
+        x1, x2 = toy_inputs(2, size=SIZE, seed=31), toy_inputs(2, size=SIZE, seed=32)
+        first = sess.run({seg.inputs[0].name: x1})
+        kept = {n: v.copy() for n, v in first.items()}
+        second = sess.run({seg.inputs[0].name: x2})
+        for n in first:
+            assert first[n].flags.owndata and first[n].flags.c_contiguous
+            assert not np.shares_memory(first[n], second[n])
+            np.testing.assert_array_equal(first[n], kept[n])  # untouched by the second call
+        assert not np.array_equal(first[seg.exit], second[seg.exit])
+        again = sess.run({seg.inputs[0].name: x1})
+        for n in first:
+            np.testing.assert_array_equal(again[n], kept[n])

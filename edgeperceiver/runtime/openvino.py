@@ -212,16 +212,17 @@ class OpenVINOSession:
                 f"OpenVINO failed to compile segment {self.segment.index} for batch {batch}: {exc}"
             ) from exc
 
-    def _request(self, batch: int) -> Any:
-        requests: dict[int, Any] | None = getattr(self._local, "requests", None)
-        if requests is None:
-            requests = {}
-            self._local.requests = requests
-        req = requests.get(batch)
-        if req is None:
-            req = self.compiled(batch).create_infer_request()
-            requests[batch] = req
-        return req
+    def _request(self, batch: int) -> _Slot:
+        """This thread's infer request for ``batch`` (with its ports resolved once)."""
+        slots: dict[int, _Slot] | None = getattr(self._local, "slots", None)
+        if slots is None:
+            slots = {}
+            self._local.slots = slots
+        slot = slots.get(batch)
+        if slot is None:
+            slot = _Slot.make(self.compiled(batch), self.input_names, self.output_names)
+            slots[batch] = slot
+        return slot
 
     # ------------------------------------------------------------------ run
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
@@ -230,12 +231,27 @@ class OpenVINOSession:
         batch = int(next(iter(arrays.values())).shape[0])
         if self.config.hint == "THROUGHPUT" and batch > 1:
             return self._run_async(arrays, batch)
-        req = self._request(batch)
+        slot = self._request(batch)
+        req = slot.request
+        for index, name, bf in slot.inputs:
+            req.set_input_tensor(index, self._wrap(arrays[name], bf))
+        # outputs land straight in fresh numpy arrays the caller owns (no copy, and no
+        # aliasing of the request's buffers across calls)
+        outputs: dict[str, np.ndarray] = {}
+        for index, name, dtype, bf in slot.outputs:
+            out = outputs[name] = np.empty(slot.output_shapes[index], dtype)
+            req.set_output_tensor(index, self._wrap(out, bf))
         try:
-            req.infer(self._tensors(arrays), share_inputs=True, share_outputs=True)
+            req.infer()
         except RuntimeError as exc:
             raise TargetError(f"OpenVINO inference failed in segment {self.segment.index}: {exc}") from exc
-        return {n: tensor_to_host(req.get_tensor(n)) for n in self.output_names}
+        return outputs
+
+    def _wrap(self, a: np.ndarray, bf16: bool) -> Any:
+        """An OpenVINO tensor over ``a``'s memory (uint16 bits typed bf16 when ``bf16``)."""
+        if bf16:
+            return self._ov.Tensor(a, list(a.shape), self._ov.Type.bf16)
+        return self._ov.Tensor(a, shared_memory=True)
 
     def _tensors(self, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Feeds for OpenVINO: bfloat16 inputs wrapped as bf16 tensors over their bits."""
@@ -310,6 +326,37 @@ class OpenVINOSession:
         if not batch:
             raise InputError(f"segment {self.segment.index}: empty batch")
         return arrays
+
+
+@dataclass
+class _Slot:
+    """One thread's infer request for one compiled model, with port indices looked up once."""
+
+    request: Any
+    inputs: tuple[tuple[int, str, bool], ...]  #: (port index, name, bf16?)
+    outputs: tuple[tuple[int, str, np.dtype[Any], bool], ...]  #: (port index, name, host dtype, bf16?)
+    output_shapes: dict[int, tuple[int, ...]]
+
+    @staticmethod
+    def make(compiled: Any, input_names: tuple[str, ...], output_names: tuple[str, ...]) -> _Slot:
+        def index(ports: Any, name: str) -> int:
+            for i, port in enumerate(ports):
+                if name in port.get_names():
+                    return i
+            raise TargetError(f"compiled model has no port named {name!r}")
+
+        ins = tuple((index(compiled.inputs, n), n, is_bf16(compiled.inputs[index(compiled.inputs, n)]))
+                    for n in input_names)
+        outs = []
+        shapes = {}
+        for n in output_names:
+            i = index(compiled.outputs, n)
+            port = compiled.outputs[i]
+            bf = is_bf16(port)
+            dtype = np.dtype(np.uint16) if bf else np.dtype(port.get_element_type().to_dtype())
+            outs.append((i, n, dtype, bf))
+            shapes[i] = tuple(int(d) for d in port.get_shape())
+        return _Slot(compiled.create_infer_request(), ins, tuple(outs), shapes)
 
 
 def _collect(request: Any, userdata: tuple[dict[str, np.ndarray], tuple[str, ...]]) -> None:
