@@ -255,3 +255,39 @@ def test_session_outputs_are_caller_owned_across_calls(compiled: Path) -> None:
         again = sess.run({seg.inputs[0].name: x1})
         for n in first:
             np.testing.assert_array_equal(again[n], kept[n])
+
+
+def test_fuse_projections_merges_shared_input_matmuls_exactly() -> None:
+    import openvino as ov
+
+    from targets.openvino import fuse_projections
+
+    ops = ov.opset13
+    rng = np.random.default_rng(0)
+    x = ops.parameter([1, 5, 8], np.float32, name="x")
+    w = [rng.standard_normal(s).astype(np.float32) for s in ((8, 8), (8, 8), (6, 8), (8, 3))]
+    b = [rng.standard_normal(n).astype(np.float32) for n in (8, 8, 6)]
+    q = ops.add(ops.matmul(x, ops.constant(w[0]), False, False), ops.constant(b[0]))
+    k = ops.add(ops.matmul(x, ops.constant(w[1]), False, False), ops.constant(b[1]))
+    v = ops.add(ops.matmul(x, ops.constant(w[2]), False, True), ops.constant(b[2]))  # transposed weights too
+    alone = ops.matmul(ops.relu(x), ops.constant(w[3]), False, False)  # other input: untouched
+    out = ops.concat([ops.add(q, k), v], -1)
+    head = ops.matmul(x, ops.constant(w[3]), False, False)  # feeds a Result directly: kept
+    model = ov.Model([ops.result(out), ops.result(alone), ops.result(head)], [x])
+    feed = rng.standard_normal((1, 5, 8)).astype(np.float32)
+    core = ov.Core()
+    cfg = {"INFERENCE_PRECISION_HINT": "f32"}
+    before = core.compile_model(model.clone(), "CPU", cfg)(feed)
+    assert fuse_projections(model) == 1
+    kinds = [op.get_type_name() for op in model.get_ordered_ops()]
+    assert kinds.count("MatMul") == 3 and kinds.count("VariadicSplit") == 1
+    assert kinds.count("Add") == 2  # the three biases are one Add before the split (plus q + k)
+    after = core.compile_model(model, "CPU", cfg)(feed)
+    for i in range(3):
+        np.testing.assert_allclose(after[i], before[i], rtol=1e-5, atol=1e-5)
+    assert fuse_projections(model) == 0  # idempotent
+
+
+def test_compile_records_fused_projections(compiled: Path) -> None:
+    for p in ("fp32", "bf16", "int8"):  # the toy has no shared-input projections
+        assert Bundle.open(compiled).manifest.target(f"openvino-{p}").metadata["fused_projections"] == 0
