@@ -291,3 +291,36 @@ def test_fuse_projections_merges_shared_input_matmuls_exactly() -> None:
 def test_compile_records_fused_projections(compiled: Path) -> None:
     for p in ("fp32", "bf16", "int8"):  # the toy has no shared-input projections
         assert Bundle.open(compiled).manifest.target(f"openvino-{p}").metadata["fused_projections"] == 0
+
+
+def test_group_conv_weight_quantizers_become_per_channel_and_run_int8() -> None:
+    import openvino as ov
+
+    from targets.openvino import per_channel_group_conv_weights
+
+    ops = ov.opset13
+    rng = np.random.default_rng(1)
+    g, o, i, k = 4, 8, 8, 3  # 32 -> 32 channels in 4 groups
+    x = ops.parameter([1, g * i, 14, 14], np.float32, name="x")
+    hi = np.float32(4.0)
+    xq = ops.fake_quantize(ops.relu(x), np.float32(0.0), hi, np.float32(0.0), hi, 256)
+    w = rng.standard_normal((g, o, i, k, k)).astype(np.float32)
+    col = np.abs(w).max(axis=(2, 3), keepdims=True)  # [G, O/G, 1, 1, kw]: NNCF 3.4's ranges
+    wq = ops.fake_quantize(ops.constant(w), -col, col, -col, col, 255)
+    conv = ops.group_convolution(xq, wq, [1, 1], [1, 1], [1, 1], [1, 1])
+    model = ov.Model([ops.result(conv)], [x])
+    assert per_channel_group_conv_weights(model) == 1
+    fq = next(op for op in model.get_ordered_ops() if op.get_type_name() == "FakeQuantize"
+              and op.input_value(0).get_node().get_type_name() == "Constant")
+    want = np.abs(w).max(axis=(2, 3, 4), keepdims=True)
+    for port, sign in ((1, -1), (2, 1), (3, -1), (4, 1)):
+        got = fq.input_value(port).get_node().get_data()
+        assert got.shape == (g, o, 1, 1, 1)
+        np.testing.assert_array_equal(got, sign * want)
+    assert per_channel_group_conv_weights(model) == 0
+    cm = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": "YES"})
+    req = cm.create_infer_request()
+    feed = np.abs(rng.standard_normal((1, g * i, 14, 14))).astype(np.float32)
+    req.infer([feed])
+    kinds = {p.exec_type for p in req.profiling_info if p.node_type == "GroupConvolution"}
+    assert kinds and all("8" in k.lower() for k in kinds), kinds  # an int8 kernel (i8/u8/I8)
