@@ -241,6 +241,9 @@ class OpenVINOSession:
         for index, name, dtype, bf in slot.outputs:
             out = outputs[name] = np.empty(slot.output_shapes[index], dtype)
             req.set_output_tensor(index, self._wrap(out, bf))
+        # the request keeps pointing at these buffers after the call (a bf16 tensor does not
+        # own a reference to its array): keep them alive until the next call replaces them
+        slot.held = (arrays, outputs)
         try:
             req.infer()
         except RuntimeError as exc:
@@ -336,6 +339,7 @@ class _Slot:
     inputs: tuple[tuple[int, str, bool], ...]  #: (port index, name, bf16?)
     outputs: tuple[tuple[int, str, np.dtype[Any], bool], ...]  #: (port index, name, host dtype, bf16?)
     output_shapes: dict[int, tuple[int, ...]]
+    held: tuple[Any, ...] = ()  #: the arrays the request's tensors point at (kept alive)
 
     @staticmethod
     def make(compiled: Any, input_names: tuple[str, ...], output_names: tuple[str, ...]) -> _Slot:
