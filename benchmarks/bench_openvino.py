@@ -306,13 +306,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "int8_vs_openvino_fp32": fp32 / int8,
             "cut_price_int8": med["OpenVINO int8 segments chained"] / int8 - 1.0,
             "cut_price_fp32": med["OpenVINO fp32 segments chained"] / fp32 - 1.0,
+            "cut_price_int8_runner": med["OpenVINO int8 runtime Runner"] / int8 - 1.0,
         }
         print()
         print(f"OpenVINO int8 is {summary['int8_vs_eager']:.2f}x faster than PyTorch eager fp32 (its faster thread "
               "setting) "
               f"and {summary['int8_vs_openvino_fp32']:.2f}x faster than OpenVINO fp32")
         print(f"price of the cut (segments chained / monolithic): int8 {summary['cut_price_int8']:+.1%}, "
-              f"fp32 {summary['cut_price_fp32']:+.1%}")
+              f"fp32 {summary['cut_price_fp32']:+.1%}; int8 through the Runner {summary['cut_price_int8_runner']:+.1%}")
         entry = Bundle.open(bundle).manifest.target("openvino-int8")
         print("INT8 compile report:", json.dumps({k: entry.metadata.get(k) for k in
                                                    ("method", "quantization", "agreement", "segment_ms",
