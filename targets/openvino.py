@@ -16,7 +16,7 @@ INT8 (``calib`` = preprocessed real images), two methods (``options["method"]``)
 - ``"segment"`` (default): each FP32 segment is quantized on its own with NNCF's OpenVINO
   backend; its calibration inputs are made by running the earlier FP32 segments on the
   images. It kept every exit of the demo model within 0.5 point of FP32 (the QDQ path lost
-  0.74 point on the last exit) at ~8% more latency on reg800m (see docs/sections/openvino.md).
+  0.74 point on the last exit) at ~8% more latency on reg800m (see README.md, "OpenVINO").
   With ``monolithic`` the whole graph is quantized the same way as the cut's reference.
 
 The entry's metadata holds a compile report: per exit, top-1 agreement and the max
