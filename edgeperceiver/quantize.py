@@ -369,4 +369,7 @@ def options_to(cls: Any, options: Mapping[str, Any], *, nested: str = "quant") -
     quant = QuantizeConfig(**{k: coerce_option(k, v, default(quant_fields[k]))
                               for k, v in options.items() if k in quant_fields})
     own = {k: coerce_option(k, v, default(own_fields[k])) for k, v in options.items() if k in own_fields}
+    threads = own.get("threads")
+    if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
+        raise InputError(f"threads must be a positive integer, not {threads!r}")
     return cls(**{nested: quant}, **own)

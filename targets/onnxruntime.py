@@ -47,8 +47,6 @@ class OrtOptions:
             opts: OrtOptions = options_to(cls, options)
         except InputError as exc:
             raise InputError(f"ONNX Runtime: {exc}") from None
-        if opts.threads is not None and (isinstance(opts.threads, bool) or int(opts.threads) < 1):
-            raise InputError(f"threads must be a positive integer, not {opts.threads!r}")
         return opts
 
 

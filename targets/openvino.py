@@ -81,8 +81,6 @@ class OpenVINOOptions:
             raise InputError(f"OpenVINO INT8 method must be one of {METHODS}, not {opts.method!r}")
         if opts.float_precision not in ("auto", "f32", "bf16"):
             raise InputError(f"float_precision must be 'auto', 'f32' or 'bf16', not {opts.float_precision!r}")
-        if opts.threads is not None and (isinstance(opts.threads, bool) or int(opts.threads) < 1):
-            raise InputError(f"threads must be a positive integer, not {opts.threads!r}")
         return opts
 
 

@@ -141,3 +141,14 @@ def test_quantize_qdq_rejects_bad_inputs(toy: Path) -> None:
         quantize_qdq("model.onnx", toy_inputs(4, size=SIZE))
     with pytest.raises(InputError, match="preset"):
         quantize_qdq(m, toy_inputs(4, size=SIZE), config=QuantizeConfig(preset="fastest"))
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", True])
+def test_target_options_reject_bad_thread_counts(bad: object) -> None:
+    from targets.onnxruntime import OrtOptions
+    from targets.openvino import OpenVINOOptions
+
+    for cls in (OrtOptions, OpenVINOOptions):
+        with pytest.raises(InputError, match="threads must be a positive integer"):
+            cls.from_options({"threads": bad})
+        assert cls.from_options({"threads": "2"}).threads == 2
