@@ -168,6 +168,10 @@ class Runner:
             else self.thresholds.criterion if self.thresholds is not None else Criterion.MAX_SOFTMAX
         )
         self.sessions: tuple[Session, ...] = tuple(backend.open(bundle, entry, s) for s in self.segments)
+        # a backend may bind carried tensors between its own sessions (OpenVINO: zero-copy
+        # between infer requests); the runner uses that while every sample goes on
+        make_chain = getattr(backend, "chain", None)
+        self._chain: Any = make_chain(self.sessions, self.manifest.input.name) if callable(make_chain) else None
         safe = bool(getattr(backend, "thread_safe", False))
         self._locks: tuple[AbstractContextManager[Any], ...] = tuple(
             nullcontext() if safe else threading.Lock() for _ in self.segments
@@ -346,9 +350,16 @@ class Runner:
         conf = np.zeros(n, np.float32)
         score = np.zeros(n, np.float64)
         active = np.arange(n)
-        live: dict[str, Any] = {self.manifest.input.name: self.backend.from_host(x)}
+        # bound chain: carried tensors stay in the engine until a compaction copies them out
+        chain = self._chain.start(x) if self._chain is not None else None
+        live: dict[str, Any] = {} if chain is not None else {self.manifest.input.name: self.backend.from_host(x)}
+        outs: dict[str, Any] = {}
         for k, seg in enumerate(self.segments[:last]):
-            outs = self.run_segment(k, {t.name: live[t.name] for t in seg.inputs})
+            if chain is not None:
+                logits: np.ndarray | None = chain.run(k)
+            else:
+                outs = self.run_segment(k, {t.name: live[t.name] for t in seg.inputs})
+                logits = None
             if k + 1 == last or forced is not None:
                 if k + 1 == last:
                     leave = np.ones(active.shape[0], bool)
@@ -356,14 +367,16 @@ class Runner:
                     assert forced is not None
                     leave = forced[active] == k + 1
                 if leave.any():
-                    logits = np.asarray(self.backend.to_host(outs[seg.exit]))
+                    if logits is None:
+                        logits = np.asarray(self.backend.to_host(outs[seg.exit]))
                     s, lab, c = evaluate(logits[leave], crit)
                     gone = active[leave]
                     labels[gone], conf[gone], score[gone], exits[gone] = lab, c, s, k + 1
             elif th is None or th.values[k] is None:
                 leave = np.zeros(active.shape[0], bool)  # exit disabled: its logits never leave the engine
             else:
-                logits = np.asarray(self.backend.to_host(outs[seg.exit]))
+                if logits is None:
+                    logits = np.asarray(self.backend.to_host(outs[seg.exit]))
                 s, lab, c = evaluate(logits, crit)
                 leave = s >= th.values[k]
                 if leave.any():
@@ -371,8 +384,14 @@ class Runner:
                     labels[gone], conf[gone], score[gone], exits[gone] = lab[leave], c[leave], s[leave], k + 1
             if leave.all():
                 break
-            live.update(outs)
-            live = {name: v for name, v in live.items() if name in self._keep[k]}
+            if chain is not None:
+                if not leave.any():
+                    continue
+                live = chain.live(self._keep[k], k)  # compaction: leave the chain
+                chain = None
+            else:
+                live.update(outs)
+                live = {name: v for name, v in live.items() if name in self._keep[k]}
             if leave.any():
                 rows = np.flatnonzero(~leave).astype(np.int64)
                 live = {name: self.backend.take(v, rows) for name, v in live.items()}
