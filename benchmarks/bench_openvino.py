@@ -180,7 +180,7 @@ def bound(key: str, threads: int) -> Callable[[Path], RunFn]:
         def run(x: np.ndarray) -> object:
             state = chain.start(x)
             assert state is not None
-            return [state.run(k) for k in range(len(sessions))]
+            return [state.run(k) for k in range(len(sessions))]  # every exit's logits
 
         return run
 

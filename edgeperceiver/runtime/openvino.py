@@ -466,19 +466,29 @@ class ChainState:
                           [s.segment.index for s in sessions])
 
     def bind(self, x: np.ndarray) -> None:
-        """Point every request that reads the image at ``x``'s memory (kept alive here)."""
+        """Point every request that reads the image at ``x``'s memory (kept alive here).
+
+        Re-binding the buffer already bound (same address and shape: held here, so it
+        cannot have been freed and reused) is skipped; the requests read it afresh anyway.
+        """
+        old = self._x
+        if (old is not None and old.shape == x.shape and old.dtype == x.dtype
+                and old.__array_interface__["data"][0] == x.__array_interface__["data"][0]):
+            return
         self._x = x
         tensor = self._ov.Tensor(x, shared_memory=True)
         for k, i in self._image:
             self.requests[k].set_input_tensor(i, tensor)
 
-    def run(self, k: int) -> np.ndarray:
-        """Run segment ``k`` (0-based); a host copy of its exit logits (float32)."""
+    def run(self, k: int, logits: bool = True) -> np.ndarray | None:
+        """Run segment ``k`` (0-based); a host copy of its exit logits (float32), if ``logits``."""
         req = self.requests[k]
         try:
             req.infer()
         except RuntimeError as exc:
             raise TargetError(f"OpenVINO inference failed in segment {self._segment_index[k]}: {exc}") from exc
+        if not logits:
+            return None
         j, bf = self._exits[k]
         if bf:
             return bf16_to_float32(tensor_to_host(req.get_output_tensor(j)))

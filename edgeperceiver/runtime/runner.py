@@ -259,7 +259,7 @@ class Runner:
         for s in range(0, x.shape[0], self.batch_size):
             f = None if forced is None else forced[s : s + self.batch_size]
             parts.append(self._predict_batch(x[s : s + self.batch_size], th, f))
-        return Prediction.concat(parts)
+        return parts[0] if len(parts) == 1 else Prediction.concat(parts)
 
     def all_exits(self, x: np.ndarray) -> list[np.ndarray]:
         """Every exit's logits for every sample (no early exit): K arrays (N, classes)."""
@@ -313,7 +313,7 @@ class Runner:
             x = self.check_input(batch.x, batch.names)
             parts.append(self._predict_batch(x, th, None))
             names.extend(batch.names)
-        return tuple(names), Prediction.concat(parts)
+        return tuple(names), parts[0] if len(parts) == 1 else Prediction.concat(parts)
 
     # ------------------------------------------------------------------ internals
     def _call_thresholds(self, thresholds: ThresholdsLike | None) -> Thresholds | None:
@@ -356,7 +356,9 @@ class Runner:
         outs: dict[str, Any] = {}
         for k, seg in enumerate(self.segments[:last]):
             if chain is not None:
-                logits: np.ndarray | None = chain.run(k)
+                # exit k's logits are read when samples may leave there
+                need = k + 1 == last or forced is not None or (th is not None and th.values[k] is not None)
+                logits: np.ndarray | None = chain.run(k, need)
             else:
                 outs = self.run_segment(k, {t.name: live[t.name] for t in seg.inputs})
                 logits = None
