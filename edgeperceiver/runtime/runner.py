@@ -345,6 +345,16 @@ class Runner:
             return _empty_prediction()
         crit = th.criterion if th is not None else self.criterion
         last = int(forced.max()) if forced is not None else self._last_exit(th)
+        if (self._chain is not None and forced is None
+                and (th is None or all(v is None for v in th.values[: last - 1]))):
+            # nobody can leave before exit ``last``: its segments back to back, one evaluation
+            chain = self._chain.start(x)
+            if chain is not None:
+                for k in range(last - 1):
+                    chain.run(k, False)
+                s, lab, c = evaluate(chain.run(last - 1), crit)
+                return Prediction(lab.astype(np.int64, copy=False), np.full(n, last, np.int64),
+                                  c.astype(np.float32, copy=False), s.astype(np.float64, copy=False))
         labels = np.zeros(n, np.int64)
         exits = np.zeros(n, np.int64)
         conf = np.zeros(n, np.float32)
