@@ -16,6 +16,7 @@ random batch. A disagreement beyond tolerance raises :class:`ExportError`; nothi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -559,8 +560,14 @@ def _torch_to_onnx(
     with tempfile.TemporaryDirectory(prefix="edgeperceiver-export-") as tmp:
         path = Path(tmp) / "model.onnx"
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), contextlib.ExitStack() as layouts:
                 warnings.simplefilter("ignore")
+                # modules may trace in an export-friendly layout (DynPerceiver: channels-first
+                # z->x attention); verification then compares it with their normal forward
+                for m in module.modules():
+                    layout = getattr(m, "export_layout", None)
+                    if callable(layout):
+                        layouts.enter_context(layout())
                 torch.onnx.export(
                     module, (x,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
                     output_names=list(names), dynamic_axes=axes, do_constant_folding=True,

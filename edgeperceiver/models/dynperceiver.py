@@ -15,6 +15,8 @@ This is an independent implementation that keeps the official state_dict key nam
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,10 @@ from torch import Tensor, nn
 from ..errors import ModelError
 from .backbones import build_backbone
 from .config import BASE_SA_DEPTH, EXIT_NAMES, IMAGENET_MEAN, IMAGENET_STD, DynPerceiverConfig
-from .layers import CrossAttentionLayer, SelfAttentionBlock
+from .layers import CrossAttentionLayer, SelfAttentionBlock, fold_dwc_pool
+
+#: (weight, bias, map size, stride, padding) of a folded avg_pool(dwc(x) + x)
+_FoldedPool = tuple[Tensor, Tensor | None, tuple[int, int], tuple[int, int], tuple[int, int]]
 
 
 def _grid(size: int, halvings: int) -> int:
@@ -89,6 +94,11 @@ class DynPerceiver(nn.Module):
 
         self.with_x2z, self.with_z2x, self.with_dwc = c.with_x2z, c.with_z2x, c.with_dwc
         self.with_isc = c.with_isc
+        #: z->x cross-attention computed channels-first (set by :meth:`export_layout`)
+        self.z2x_channels_first = False
+        #: stage k -> (weight, bias, map size, stride, padding) of avg_pool(dwc(x) + x) folded (export layout)
+        self._pooled_dwc: dict[int, _FoldedPool] = {}
+        self._tap_halvings = bb.tap_halvings
         # official attribute names (state_dict keys); the order of registration does not matter
         if c.with_dwc:
             self.dwc1_x2z = nn.Conv2d(z_x[0], z_x[0], 7, padding=3, groups=z_x[0])
@@ -146,15 +156,52 @@ class DynPerceiver(nn.Module):
 
     # -- the two cross-attention directions -----------------------------------------------
     def _x2z(self, k: int, x: Tensor, z: Tensor) -> Tensor:
-        kv = self.get_submodule(f"dwc{k}_x2z")(x) + x if self.with_dwc else x
-        kv = self.ca_pooling(kv).flatten(2).transpose(1, 2)  # (b, tokens, c)
+        folded = self._pooled_dwc.get(k)
+        if folded is not None and tuple(x.shape[-2:]) == folded[2]:
+            # avg_pool(dwc(x) + x) as one strided depthwise conv (export layout)
+            w, b, _, stride, pad = folded
+            kv = F.conv2d(x, w, b, stride=stride, padding=pad, groups=x.shape[1])
+        else:
+            kv = self.get_submodule(f"dwc{k}_x2z")(x) + x if self.with_dwc else x
+            kv = self.ca_pooling(kv)
+        kv = kv.flatten(2).transpose(1, 2)  # (b, tokens, c)
         return self.get_submodule(f"cross_att{k}_x2z")(z, kv)
 
-    @staticmethod
-    def _z2x(layer: nn.Module, x: Tensor, z: Tensor) -> Tensor:
+    def _z2x(self, layer: CrossAttentionLayer, x: Tensor, z: Tensor) -> Tensor:
+        if self.z2x_channels_first:
+            return layer.forward_map(x, z)
         h, w = x.shape[-2], x.shape[-1]
         q = x.flatten(2).transpose(1, 2)  # (b, h*w, c)
         return layer(q, z).transpose(1, 2).unflatten(2, (h, w))
+
+    @contextmanager
+    def export_layout(self) -> Iterator[None]:
+        """Within: the same function (to float rounding) in a form that deploys faster.
+
+        - the z->x cross-attentions run channels-first
+          (:meth:`~edgeperceiver.models.layers.CrossAttentionLayer.forward_map`): no
+          transposes of the feature maps;
+        - with spatial reduction, ``avg_pool(dwc(x) + x)`` before each x->z attention is one
+          strided depthwise convolution (:func:`~edgeperceiver.models.layers.fold_dwc_pool`)
+          where the stage's map (at ``input_size``) pools in whole blocks: ~2-6% of the MACs.
+
+        ``export_module`` traces inside this and verifies against the normal forward.
+        """
+        before = self.z2x_channels_first
+        self.z2x_channels_first = True
+        if self.with_dwc and self.spatial_reduction:
+            with torch.no_grad():
+                for k in range(1, 5):
+                    side = _grid(self.input_size, self._tap_halvings[k - 1])
+                    conv = getattr(self, f"dwc{k}_x2z", None)  # absent for stages 2-4 without x2z
+                    folded = fold_dwc_pool(conv, (side, side), (7, 7)) if isinstance(conv, nn.Conv2d) else None
+                    if folded is not None:
+                        self._pooled_dwc[k] = (*folded[:2], (side, side), *folded[2:])
+        try:
+            yield
+        finally:
+            self.z2x_channels_first = before
+            self._pooled_dwc = {}
 
     def _between(self, k: int, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
         """Between CNN stage k and k+1: mix tokens, widen channels, z->x, x->z (k = 1..3)."""
@@ -162,7 +209,7 @@ class DynPerceiver(nn.Module):
         z = self.token_expander[k - 1](z)
         s = k + 1
         if self.with_z2x:
-            x = self._z2x(self.get_submodule(f"cross_att{s}_z2x"), x, z)
+            x = self._z2x(self.get_submodule(f"cross_att{s}_z2x"), x, z)  # type: ignore[arg-type]
         if self.with_x2z:
             z = self._x2z(s, x, z)
         return x, z
