@@ -13,7 +13,7 @@ from edgeperceiver.models import EXIT_NAMES, create_model
 
 
 @pytest.mark.parametrize(("heads", "qk", "rpb"), [(1, None, 0), (2, 8, 0), (2, 8, 7)])
-def test_forward_map_is_forward_on_the_pixels(torch_threads: Any, heads: int, qk: int | None, rpb: int) -> None:
+def test_map_queries_are_tokens_channels_first(torch_threads: Any, heads: int, qk: int | None, rpb: int) -> None:
     torch = torch_threads
     from edgeperceiver.models.layers import CrossAttentionLayer
 
@@ -26,7 +26,7 @@ def test_forward_map_is_forward_on_the_pixels(torch_threads: Any, heads: int, qk
     z = torch.randn(3, rpb or 9, 24)
     with torch.no_grad():
         tokens = layer(x.flatten(2).transpose(1, 2), z).transpose(1, 2).unflatten(2, (5, 6))
-        mapped = layer.forward_map(x, z)
+        mapped = layer(x, z)
     assert mapped.shape == x.shape
     assert float((tokens - mapped).abs().max()) < 1e-5
 

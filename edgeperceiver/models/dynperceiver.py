@@ -169,7 +169,7 @@ class DynPerceiver(nn.Module):
 
     def _z2x(self, layer: CrossAttentionLayer, x: Tensor, z: Tensor) -> Tensor:
         if self.z2x_channels_first:
-            return layer.forward_map(x, z)
+            return layer(x, z)  # the map's pixels are the queries, kept channels-first
         h, w = x.shape[-2], x.shape[-1]
         q = x.flatten(2).transpose(1, 2)  # (b, h*w, c)
         return layer(q, z).transpose(1, 2).unflatten(2, (h, w))
@@ -179,7 +179,7 @@ class DynPerceiver(nn.Module):
         """Within: the same function (to float rounding) in a form that deploys faster.
 
         - the z->x cross-attentions run channels-first
-          (:meth:`~edgeperceiver.models.layers.CrossAttentionLayer.forward_map`): no
+          (a map as queries, :meth:`~edgeperceiver.models.layers.MultiHeadAttention.forward_map`): no
           transposes of the feature maps;
         - with spatial reduction, ``avg_pool(dwc(x) + x)`` before each x->z attention is one
           strided depthwise convolution (:func:`~edgeperceiver.models.layers.fold_dwc_pool`)

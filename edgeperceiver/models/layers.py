@@ -102,6 +102,9 @@ class MultiHeadAttention(nn.Module):
         return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
     def forward(self, x_q: Tensor, x_kv: Tensor) -> Tensor:
+        """Tokens (b, n, c) attend to ``x_kv`` (b, m, c'); a (b, c, h, w) map: see :meth:`forward_map`."""
+        if x_q.ndim == 4:
+            return self.forward_map(x_q, x_kv)
         q = self.q_proj(x_q)
         k = self.k_proj(x_kv)
         v = self.v_proj(x_kv)
@@ -115,7 +118,7 @@ class MultiHeadAttention(nn.Module):
         return self.o_proj(o)
 
     def forward_map(self, q_map: Tensor, x_kv: Tensor) -> Tensor:
-        """:meth:`forward` with the queries as the pixels of a (b, c, h, w) map, kept channels-first.
+        """Attention with the queries as the pixels of a (b, c, h, w) map, kept channels-first.
 
         Same math as ``forward(q_map.flatten(2).transpose(1, 2), x_kv)`` reshaped back to a map,
         computed without moving the map's channels last: q/o projections are 1x1
@@ -156,11 +159,9 @@ class CrossAttention(nn.Module):
         )
 
     def forward(self, x_q: Tensor, x_kv: Tensor) -> Tensor:
-        return self.attention(self.q_norm(x_q), self.kv_norm(x_kv))
-
-    def forward_map(self, q_map: Tensor, x_kv: Tensor) -> Tensor:
-        """:meth:`forward` for (b, c, h, w) queries, channels-first (see :meth:`MultiHeadAttention.forward_map`)."""
-        return self.attention.forward_map(layer_norm_channels(q_map, self.q_norm), self.kv_norm(x_kv))
+        """Queries are tokens (b, n, c) or the pixels of a (b, c, h, w) map (kept channels-first)."""
+        q = layer_norm_channels(x_q, self.q_norm) if x_q.ndim == 4 else self.q_norm(x_q)
+        return self.attention(q, self.kv_norm(x_kv))
 
 
 class SelfAttention(nn.Module):
@@ -194,11 +195,10 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(widening_factor * channels, channels)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Tokens (b, n, c), or every pixel of a (b, c, h, w) map channels-first (1x1 convolutions)."""
+        if x.ndim == 4:
+            return conv1x1(self.gelu(conv1x1(layer_norm_channels(x, self.layernorm), self.fc1)), self.fc2)
         return self.fc2(self.gelu(self.fc1(self.layernorm(x))))
-
-    def forward_map(self, x: Tensor) -> Tensor:
-        """:meth:`forward` on every pixel of a (b, c, h, w) map, channels-first (1x1 convolutions)."""
-        return conv1x1(self.gelu(conv1x1(layer_norm_channels(x, self.layernorm), self.fc1)), self.fc2)
 
 
 class CrossAttentionLayer(nn.Module):
@@ -223,13 +223,11 @@ class CrossAttentionLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x_q: Tensor, x_kv: Tensor) -> Tensor:
+        """Queries as tokens (b, n, c), or as a (b, c, h, w) map computed channels-first
+        (same function on the map's pixels, to float rounding; see
+        :meth:`MultiHeadAttention.forward_map`)."""
         out = x_q + self.dropout(self.cross_attn(x_q, x_kv))
         return out + self.dropout(self.mlp(out))
-
-    def forward_map(self, q_map: Tensor, x_kv: Tensor) -> Tensor:
-        """:meth:`forward` with the queries as the pixels of a (b, c, h, w) map; returns a map."""
-        out = q_map + self.dropout(self.cross_attn.forward_map(q_map, x_kv))
-        return out + self.dropout(self.mlp.forward_map(out))
 
 
 class SelfAttentionLayer(nn.Module):
