@@ -96,6 +96,29 @@ def test_int8_early_exit_per_sample_equals_running_alone(compiled: Path) -> None
         np.testing.assert_allclose(alone.confidences[0], batch.confidences[i], atol=1e-5)
 
 
+@pytest.mark.parametrize("key", ["openvino-int8", "openvino-bf16"])
+def test_bound_chain_equals_the_session_path_bit_for_bit(compiled: Path, key: str) -> None:
+    """The zero-copy bound chain (carried tensors stay in the requests) vs plain session calls."""
+    chained = load(compiled, key, threads=1)
+    plain = load(compiled, key, threads=1)
+    assert chained._chain is not None
+    plain._chain = None  # every segment through OpenVINOSession.run, carried tensors via numpy
+    x = toy_inputs(9, size=SIZE, seed=21)
+    probs = plain.all_exits(x)
+    e = np.exp(probs[0] - probs[0].max(1, keepdims=True))
+    conf1 = np.sort(e.max(1) / e.sum(1))
+    mixed = Thresholds(Criterion.MAX_SOFTMAX, (float(conf1[len(conf1) // 2]), 0.0, None))
+    never = Thresholds(Criterion.MAX_SOFTMAX, (None, None, None))
+    for th in (mixed, never, None):
+        for batch in (x, x[:1]):
+            a, b = chained.predict(batch, thresholds=th), plain.predict(batch, thresholds=th)
+            assert np.array_equal(a.exits, b.exits) and np.array_equal(a.labels, b.labels)
+            assert np.array_equal(a.confidences, b.confidences) and np.array_equal(a.scores, b.scores)
+    forced = np.array([1, 2, 3, 3, 2, 1, 1, 3, 2])
+    a, b = chained.predict(x, force_exits=forced), plain.predict(x, force_exits=forced)
+    assert np.array_equal(a.exits, forced) and np.array_equal(a.scores, b.scores)
+
+
 def test_session_compiles_one_static_model_per_batch_size_and_is_thread_safe(compiled: Path) -> None:
     b = Bundle.open(compiled)
     entry = b.manifest.target("openvino-fp32")
