@@ -311,9 +311,43 @@ def test_fuse_projections_merges_shared_input_matmuls_exactly() -> None:
     assert fuse_projections(model) == 0  # idempotent
 
 
+def test_fold_norm_affine_moves_layernorm_scale_and_shift_into_the_projections() -> None:
+    import openvino as ov
+
+    from targets.openvino import fold_norm_affine
+
+    ops = ov.opset13
+    rng = np.random.default_rng(1)
+    x = ops.parameter([1, 5, 8], np.float32, name="x")
+
+    def layer_norm(t: object) -> object:
+        n = ops.mvn(t, ops.constant(np.array([-1], np.int64)), True, 1e-5, "inside_sqrt")
+        g, b = rng.uniform(0.5, 2.0, 8).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+        return ops.add(ops.multiply(n, ops.constant(g)), ops.constant(b))
+
+    w = [rng.standard_normal(s).astype(np.float32) for s in ((8, 6), (4, 8), (8, 3))]
+    ln = layer_norm(x)
+    q = ops.matmul(ln, ops.constant(w[0]), False, False)
+    k = ops.add(ops.matmul(ln, ops.constant(w[1]), False, True), ops.constant(np.ones(4, np.float32)))  # bias kept
+    ln2 = layer_norm(x)  # also read by a residual add: left alone
+    r = ops.add(ops.matmul(ln2, ops.constant(w[2]), False, False), ops.reduce_sum(ln2, np.int64(-1), True))
+    model = ov.Model([ops.result(q), ops.result(k), ops.result(r)], [x])
+    feed = rng.standard_normal((1, 5, 8)).astype(np.float32)
+    core = ov.Core()
+    cfg = {"INFERENCE_PRECISION_HINT": "f32"}
+    before = core.compile_model(model.clone(), "CPU", cfg)(feed)
+    assert fold_norm_affine(model) == 1
+    assert sum(op.get_type_name() == "Multiply" for op in model.get_ordered_ops()) == 1  # ln2's scale
+    after = core.compile_model(model, "CPU", cfg)(feed)
+    for i in range(3):
+        np.testing.assert_allclose(after[i], before[i], rtol=1e-5, atol=1e-5)
+    assert fold_norm_affine(model) == 0  # idempotent
+
+
 def test_compile_records_fused_projections(compiled: Path) -> None:
     for p in ("fp32", "bf16", "int8"):  # the toy has no shared-input projections
-        assert Bundle.open(compiled).manifest.target(f"openvino-{p}").metadata["fused_projections"] == 0
+        meta = Bundle.open(compiled).manifest.target(f"openvino-{p}").metadata
+        assert meta["fused_projections"] == 0 and meta["folded_norms"] == 0
 
 
 def test_group_conv_weight_quantizers_become_per_channel_and_run_int8() -> None:
