@@ -13,7 +13,8 @@ medians (the 2-core machine is shared and drifts):
 - OpenVINO fp32 with a dynamic batch, fp32 / bf16 / int8 static (monolithic models);
 - the INT8 segments run back to back (each an ``OpenVINOSession``, same call path as the
   monolithic row), as the runtime's zero-copy bound chain, and through the runtime's
-  ``Runner`` (never exit), fp32 segments too.
+  ``Runner`` (never exit), fp32 segments too;
+- the monolithic INT8 model compiled with the opt-in ``fold_norms`` (skip: ``--no-fold-norms``).
 
 Printed: the table, the must-show ratios (INT8 vs PyTorch eager and vs OpenVINO fp32, the
 cut's price at fp32 and int8) and the INT8 compile report (per exit agreement with fp32).
@@ -258,6 +259,15 @@ def pytorch_eager(threads: int, checkpoint: Path | None, batch: int) -> Callable
     return build
 
 
+def _on(path: Path, build: Callable[[Path], RunFn]) -> Callable[[Path], RunFn]:
+    """``build`` applied to ``path`` whatever bundle it is given (a contender on another bundle)."""
+
+    def on(_bundle: Path) -> RunFn:
+        return build(path)
+
+    return on
+
+
 def openvino_contenders(threads: int) -> list[tuple[str, Callable[[Path], RunFn]]]:
     """(name, build(bundle) -> run(x)) for every OpenVINO row; needs the openvino-* entries."""
     return [
@@ -283,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--int8-options", type=json.loads, default={}, help='JSON, e.g. {"preset": "performance"}')
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--keep", type=Path, default=None, help="copy the compiled bundle here (reuse with --bundle)")
+    p.add_argument("--no-fold-norms", action="store_true", help="skip the opt-in fold_norms INT8 row")
     args = p.parse_args(argv)
 
     ckpt = GOLDEN / f"{MODEL}.fp16.pth"
@@ -309,6 +320,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("ONNX Runtime fp32", onnxruntime_mono(args.threads)),
             *openvino_contenders(args.threads),
         ]
+        if not args.no_fold_norms:  # the opt-in LayerNorm fold, timed in the same run
+            folded = Path(tmp) / "bundle-fold-norms"
+            shutil.copytree(bundle, folded)
+            from targets import compile_bundle
+
+            compile_bundle(folded, TargetName.OPENVINO, Precision.INT8, calib_data=calib,
+                           options={"threads": args.threads, "latency_runs": 20, **args.int8_options,
+                                    "fold_norms": True})
+            rows.append(("OpenVINO int8, fold_norms", _on(folded, monolithic("openvino-int8", args.threads))))
         x = synthetic_images(args.batch, seed=7)
         jobs = {}
         for name, build in rows:
@@ -337,6 +357,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cut_price_int8_bound": med["OpenVINO int8 segments bound"] / int8 - 1.0,
             "cut_price_int8_runner": med["OpenVINO int8 runtime Runner"] / int8 - 1.0,
         }
+        if "OpenVINO int8, fold_norms" in med:
+            fold = med["OpenVINO int8, fold_norms"]
+            summary.update(fold_norms_vs_eager=eager / fold, fold_norms_vs_openvino_fp32=fp32 / fold)
         print()
         print(f"OpenVINO int8 is {summary['int8_vs_eager']:.2f}x faster than PyTorch eager fp32 (its faster thread "
               "setting) "
@@ -344,6 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"price of the cut (segments chained / monolithic): int8 {summary['cut_price_int8']:+.1%}, "
               f"fp32 {summary['cut_price_fp32']:+.1%}; int8 bound zero-copy {summary['cut_price_int8_bound']:+.1%}, "
               f"through the Runner {summary['cut_price_int8_runner']:+.1%}")
+        if "fold_norms_vs_eager" in summary:
+            print(f"opt-in fold_norms: OpenVINO int8 {summary['fold_norms_vs_eager']:.2f}x faster than PyTorch eager "
+                  f"and {summary['fold_norms_vs_openvino_fp32']:.2f}x faster than OpenVINO fp32")
         entry = Bundle.open(bundle).manifest.target("openvino-int8")
         print("INT8 compile report:", json.dumps({k: entry.metadata.get(k) for k in
                                                    ("method", "quantization", "agreement", "segment_ms",
