@@ -35,6 +35,7 @@ def test_export_layout_matches_and_restores(torch_threads: Any) -> None:
     torch = torch_threads
     torch.manual_seed(0)
     model = create_model("digits_perceiver_t32").eval()
+    model.z2x_channels_first_min_pixels = 1  # its maps are 8x8 and less
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
@@ -65,6 +66,9 @@ def test_export_layout_drops_the_feature_map_transposes(torch_threads: Any) -> N
     x = torch.rand(1, 3, 32, 32)
     plain = _transposes(model, torch, x)
     with model.export_layout():
+        assert _transposes(model, torch, x) == plain  # by default small maps keep the token layout
+    model.z2x_channels_first_min_pixels = 1
+    with model.export_layout():
         mapped = _transposes(model, torch, x)
     z2x = sum(1 for name, _ in model.named_children() if name.endswith("_z2x"))
     assert z2x == 4
@@ -83,6 +87,7 @@ def test_export_module_traces_in_the_export_layout(torch_threads: Any, tmp_path:
 
     torch.manual_seed(0)
     model = create_model("digits_perceiver_t32").eval()
+    model.z2x_channels_first_min_pixels = 1
     report = export_module(model, (3, 32, 32), tmp_path / "b", threads=1)
     assert report.ok and not model.z2x_channels_first
     graph = onnx.load(str(tmp_path / "b" / "model.onnx")).graph

@@ -48,6 +48,11 @@ class DynPerceiver(nn.Module):
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     crop_pct: float = 0.875  #: evaluation transform: resize to input_size / crop_pct, centre-crop
+    #: export layout: the smallest map (h * w) whose z->x attention runs channels-first. On
+    #: OpenVINO the channels-first form won on reg800m's 56x56 and 28x28 maps, tied at 14x14
+    #: and 7x7, and lost ~8% on the 32 px demo model (maps of 8x8 and less: the channel
+    #: LayerNorm stays decomposed, see layer_norm_channels)
+    z2x_channels_first_min_pixels: int = 784
 
     def __init__(self, config: DynPerceiverConfig, model_name: str = "") -> None:
         super().__init__()
@@ -168,7 +173,7 @@ class DynPerceiver(nn.Module):
         return self.get_submodule(f"cross_att{k}_x2z")(z, kv)
 
     def _z2x(self, layer: CrossAttentionLayer, x: Tensor, z: Tensor) -> Tensor:
-        if self.z2x_channels_first:
+        if self.z2x_channels_first and x.shape[-2] * x.shape[-1] >= self.z2x_channels_first_min_pixels:
             return layer(x, z)  # the map's pixels are the queries, kept channels-first
         h, w = x.shape[-2], x.shape[-1]
         q = x.flatten(2).transpose(1, 2)  # (b, h*w, c)
@@ -178,9 +183,10 @@ class DynPerceiver(nn.Module):
     def export_layout(self) -> Iterator[None]:
         """Within: the same function (to float rounding) in a form that deploys faster.
 
-        - the z->x cross-attentions run channels-first
-          (a map as queries, :meth:`~edgeperceiver.models.layers.MultiHeadAttention.forward_map`): no
-          transposes of the feature maps;
+        - the z->x cross-attentions on maps of at least ``z2x_channels_first_min_pixels``
+          run channels-first (a map as queries,
+          :meth:`~edgeperceiver.models.layers.MultiHeadAttention.forward_map`): no transposes
+          of the feature maps;
         - with spatial reduction, ``avg_pool(dwc(x) + x)`` before each x->z attention is one
           strided depthwise convolution (:func:`~edgeperceiver.models.layers.fold_dwc_pool`)
           where the stage's map (at ``input_size``) pools in whole blocks: ~2-6% of the MACs.
