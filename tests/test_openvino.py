@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -280,6 +281,13 @@ def test_session_outputs_are_caller_owned_across_calls(compiled: Path) -> None:
             np.testing.assert_array_equal(again[n], kept[n])
 
 
+def _run_f32(model: Any, feed: np.ndarray) -> Any:
+    """``model``'s outputs on ``feed``, compiled for the CPU in f32 (no bf16 rounding)."""
+    import openvino as ov
+
+    return ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(feed)
+
+
 def test_fuse_projections_merges_shared_input_matmuls_exactly() -> None:
     import openvino as ov
 
@@ -298,14 +306,12 @@ def test_fuse_projections_merges_shared_input_matmuls_exactly() -> None:
     head = ops.matmul(x, ops.constant(w[3]), False, False)  # feeds a Result directly: kept
     model = ov.Model([ops.result(out), ops.result(alone), ops.result(head)], [x])
     feed = rng.standard_normal((1, 5, 8)).astype(np.float32)
-    core = ov.Core()
-    cfg = {"INFERENCE_PRECISION_HINT": "f32"}
-    before = core.compile_model(model.clone(), "CPU", cfg)(feed)
+    before = _run_f32(model.clone(), feed)
     assert fuse_projections(model) == 1
     kinds = [op.get_type_name() for op in model.get_ordered_ops()]
     assert kinds.count("MatMul") == 3 and kinds.count("VariadicSplit") == 1
     assert kinds.count("Add") == 2  # the three biases are one Add before the split (plus q + k)
-    after = core.compile_model(model, "CPU", cfg)(feed)
+    after = _run_f32(model, feed)
     for i in range(3):
         np.testing.assert_allclose(after[i], before[i], rtol=1e-5, atol=1e-5)
     assert fuse_projections(model) == 0  # idempotent
@@ -333,12 +339,10 @@ def test_fold_norm_affine_moves_layernorm_scale_and_shift_into_the_projections()
     r = ops.add(ops.matmul(ln2, ops.constant(w[2]), False, False), ops.reduce_sum(ln2, np.int64(-1), True))
     model = ov.Model([ops.result(q), ops.result(k), ops.result(r)], [x])
     feed = rng.standard_normal((1, 5, 8)).astype(np.float32)
-    core = ov.Core()
-    cfg = {"INFERENCE_PRECISION_HINT": "f32"}
-    before = core.compile_model(model.clone(), "CPU", cfg)(feed)
+    before = _run_f32(model.clone(), feed)
     assert fold_norm_affine(model) == 1
     assert sum(op.get_type_name() == "Multiply" for op in model.get_ordered_ops()) == 1  # ln2's scale
-    after = core.compile_model(model, "CPU", cfg)(feed)
+    after = _run_f32(model, feed)
     for i in range(3):
         np.testing.assert_allclose(after[i], before[i], rtol=1e-5, atol=1e-5)
     assert fold_norm_affine(model) == 0  # idempotent
