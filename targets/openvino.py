@@ -444,8 +444,7 @@ def fold_norm_affine(model: Any) -> int:
         if not users or not all(t.get_index() == 0 and _const_matmul(t.get_node()) for t in users):
             continue
         for mm in (t.get_node() for t in users):
-            w = mm.input_value(1).get_node().get_data().astype(np.float64)
-            w = w.T if mm.get_attributes().get("transpose_b") else w  # (K, N)
+            w = _kn_weight(mm).astype(np.float64)
             scaled = np.ascontiguousarray((gamma[:, None] * w).astype(np.float32))
             new = ops.matmul(mvn.output(0), ops.constant(scaled), False, False)
             new.set_friendly_name(mm.get_friendly_name())
@@ -479,6 +478,12 @@ def _norm_affine(mvn: Any) -> tuple[Any, np.ndarray, np.ndarray] | None:
     return node, found[0], found[1]
 
 
+def _kn_weight(mm: Any) -> np.ndarray:
+    """The constant weight of a :func:`_const_matmul` as (in features K, out features N)."""
+    w: np.ndarray = mm.input_value(1).get_node().get_data()
+    return w.T if mm.get_attributes().get("transpose_b") else w
+
+
 def _const_matmul(mm: Any) -> bool:
     """``mm`` multiplies its first input (not transposed) by a constant 2-D weight."""
     if mm.get_type_name() != "MatMul" or mm.get_attributes().get("transpose_a"):
@@ -501,10 +506,7 @@ def fuse_projections(model: Any) -> int:
     ops = ov.opset13
     groups: dict[tuple[int, int], list[Any]] = {}
     for op in model.get_ordered_ops():
-        if op.get_type_name() != "MatMul" or op.get_attributes().get("transpose_a"):
-            continue
-        weights = op.input_value(1).get_node()
-        if weights.get_type_name() != "Constant" or len(weights.get_output_partial_shape(0)) != 2:
+        if not _const_matmul(op):
             continue
         if any(t.get_node().get_type_name() == "Result" for t in op.output(0).get_target_inputs()):
             continue  # a model output keeps its own node (and tensor names)
@@ -514,10 +516,7 @@ def fuse_projections(model: Any) -> int:
     for mms in groups.values():
         if len(mms) < 2:
             continue
-        ws = []
-        for mm in mms:
-            w = mm.input_value(1).get_node().get_data()
-            ws.append(w.T if mm.get_attributes().get("transpose_b") else w)
+        ws = [_kn_weight(mm) for mm in mms]
         if len({w.shape[0] for w in ws}) != 1 or len({w.dtype for w in ws}) != 1:
             continue
         merged = ops.matmul(mms[0].input_value(0), ops.constant(np.ascontiguousarray(np.concatenate(ws, axis=1))),

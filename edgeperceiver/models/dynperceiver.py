@@ -27,8 +27,8 @@ from .backbones import build_backbone
 from .config import BASE_SA_DEPTH, EXIT_NAMES, IMAGENET_MEAN, IMAGENET_STD, DynPerceiverConfig
 from .layers import CrossAttentionLayer, SelfAttentionBlock, fold_dwc_pool
 
-#: (weight, bias, map size, stride, padding) of a folded avg_pool(dwc(x) + x)
-_FoldedPool = tuple[Tensor, Tensor | None, tuple[int, int], tuple[int, int], tuple[int, int]]
+#: (map size, (weight, bias, stride, padding)) of a folded avg_pool(dwc(x) + x)
+_FoldedPool = tuple[tuple[int, int], tuple[Tensor, Tensor | None, tuple[int, int], tuple[int, int]]]
 
 
 def _grid(size: int, halvings: int) -> int:
@@ -101,7 +101,7 @@ class DynPerceiver(nn.Module):
         self.with_isc = c.with_isc
         #: z->x cross-attention computed channels-first (set by :meth:`export_layout`)
         self.z2x_channels_first = False
-        #: stage k -> (weight, bias, map size, stride, padding) of avg_pool(dwc(x) + x) folded (export layout)
+        #: stage k -> avg_pool(dwc(x) + x) folded for its map size (export layout)
         self._pooled_dwc: dict[int, _FoldedPool] = {}
         self._tap_halvings = bb.tap_halvings
         # official attribute names (state_dict keys); the order of registration does not matter
@@ -162,9 +162,9 @@ class DynPerceiver(nn.Module):
     # -- the two cross-attention directions -----------------------------------------------
     def _x2z(self, k: int, x: Tensor, z: Tensor) -> Tensor:
         folded = self._pooled_dwc.get(k)
-        if folded is not None and tuple(x.shape[-2:]) == folded[2]:
+        if folded is not None and tuple(x.shape[-2:]) == folded[0]:
             # avg_pool(dwc(x) + x) as one strided depthwise conv (export layout)
-            w, b, _, stride, pad = folded
+            w, b, stride, pad = folded[1]
             kv = F.conv2d(x, w, b, stride=stride, padding=pad, groups=x.shape[1])
         else:
             kv = self.get_submodule(f"dwc{k}_x2z")(x) + x if self.with_dwc else x
@@ -202,7 +202,7 @@ class DynPerceiver(nn.Module):
                     conv = getattr(self, f"dwc{k}_x2z", None)  # absent for stages 2-4 without x2z
                     folded = fold_dwc_pool(conv, (side, side), (7, 7)) if isinstance(conv, nn.Conv2d) else None
                     if folded is not None:
-                        self._pooled_dwc[k] = (*folded[:2], (side, side), *folded[2:])
+                        self._pooled_dwc[k] = ((side, side), folded)
         try:
             yield
         finally:
