@@ -12,7 +12,8 @@ Also written: ``model.onnx`` (all three in one graph) as the target's monolithic
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +161,25 @@ def make_toy_bundle(
 def toy_inputs(n: int, *, channels: int = 3, size: int = 8, seed: int = 1) -> np.ndarray:
     """Random preprocessed inputs for the toy bundle."""
     return np.random.default_rng(seed).standard_normal((n, channels, size, size)).astype(np.float32)
+
+
+def run_in_threads(work: Callable[[int], None], n: int) -> list[BaseException]:
+    """Run ``work(i)`` for i in 0..n-1, one thread each, all at once; what they raised.
+
+    Tests assert on the returned list in the main thread (an exception in a thread would
+    otherwise only be printed).
+    """
+    errors: list[BaseException] = []
+
+    def guarded(i: int) -> None:
+        try:
+            work(i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ pytest.importorskip("nncf")
 
 import itertools
 
-from bundles import make_toy_bundle, toy_inputs
+from bundles import make_toy_bundle, run_in_threads, toy_inputs
 
 from edgeperceiver.bundle import Bundle, Thresholds
 from edgeperceiver.errors import InputError, TargetError
@@ -136,21 +135,12 @@ def test_session_compiles_one_static_model_per_batch_size_and_is_thread_safe(com
     np.testing.assert_allclose(one["e1"], full["e1"][:3], atol=1e-5)
 
     results: list[np.ndarray] = []
-    errors: list[BaseException] = []
 
     def work(i: int) -> None:
-        try:
-            for _ in range(5):
-                results.append(sess.run({seg.inputs[0].name: x})["e1"])
-        except BaseException as exc:  # collect to fail in the main thread
-            errors.append(exc)
+        for _ in range(5):
+            results.append(sess.run({seg.inputs[0].name: x})["e1"])
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    assert not run_in_threads(work, 4)
     assert len(results) == 20
     for r in results:
         np.testing.assert_array_equal(r, full["e1"])

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from bundles import make_toy_bundle, toy_inputs
+from bundles import make_toy_bundle, run_in_threads, toy_inputs
 
 from edgeperceiver.bundle import Bundle, Thresholds
 from edgeperceiver.errors import BundleError, InputError, MissingDependencyError, TargetError
@@ -359,21 +359,13 @@ def test_threads_give_the_same_answers(toy: Path, x: np.ndarray, unsafe: bool) -
     jobs = [(i % 17, 1 + (i * 7) % 23) for i in range(48)]
     want = [r.predict(x[s : s + n], thresholds=th) for s, n in jobs]
     got: list[object] = [None] * len(jobs)
-    errors: list[BaseException] = []
 
     def worker(j0: int) -> None:
-        try:
-            for j in range(j0, len(jobs), 6):
-                s, n = jobs[j]
-                got[j] = r.predict(x[s : s + n], thresholds=th)
-        except BaseException as exc:  # re-raised in the main thread
-            errors.append(exc)
+        for j in range(j0, len(jobs), 6):
+            s, n = jobs[j]
+            got[j] = r.predict(x[s : s + n], thresholds=th)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_in_threads(worker, 6)
     assert not errors, errors
     for w, g in zip(want, got, strict=True):
         assert g is not None
