@@ -393,3 +393,27 @@ def test_request_buffers_stay_alive_after_the_caller_drops_the_outputs(compiled:
     slot = seg2._request(2)
     slot.request.infer()  # re-runs on the held buffers: no use-after-free
     np.testing.assert_array_equal(slot.held[1]["e2"], want)
+
+
+def test_profile_script_reports_nodes_and_decomposes_the_cut(
+    compiled: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_openvino.py"
+    spec = importlib.util.spec_from_file_location("profile_openvino", path)
+    assert spec is not None and spec.loader is not None
+    prof = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("profile_openvino", prof)  # dataclasses look their module up
+    spec.loader.exec_module(prof)
+    assert prof.module("/self_att3/self_att3.1/mlp/fc1/MatMul") == "self_att3"
+    assert prof.module("Multiply_123") == "(unnamed)"
+    argv = [str(compiled), "--target", "openvino-int8", "--threads", "1", "--runs", "3", "--rounds", "2"]
+    assert prof.main(argv) == 0
+    out = capsys.readouterr().out
+    nodes = int(out.split(" executed nodes")[0].rsplit(" ", 1)[-1])
+    assert nodes > 0 and "monolithic model" in out
+    for k in range(1, 4):  # the toy bundle has three segments
+        assert f"segment {k} alone (warm)" in out and f"segment {k} inside the chain" in out
+    assert "segments bound / monolithic" in out
