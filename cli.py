@@ -259,11 +259,14 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Working directory for the demo's files.")] = Path(
         "demo-out"
     ),
+    threads: Annotated[
+        int, typer.Option("--threads", min=1, help="Engine threads for every latency (default: 1, fastest here).")
+    ] = 1,
 ) -> None:
     """Run the whole toolchain on a Dyn-Perceiver trained on scikit-learn's digits."""
     from edgeperceiver.demo import run_demo
 
-    run_demo(out, echo=typer.echo)
+    run_demo(out, echo=typer.echo, threads=threads)
 
 
 def main(argv: list[str] | None = None) -> int:

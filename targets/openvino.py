@@ -233,27 +233,30 @@ def _pick_float_precision(
         caps = []
     if "BF16" not in caps:
         return "f32", {}
-    shape = (1, *(int(d) for d in manifest.input.shape[1:]))
-    feeds = {manifest.input.name: np.zeros(shape, np.float32)}
+    x = np.zeros((1, *(int(d) for d in manifest.input.shape[1:])), np.float32)
     ov = require("openvino")
     chains = {}
     for hint in ("f32", "bf16"):
         try:
             cands = models if hint == "f32" else [
                 carry_bf16(ov, m, s, manifest) for m, s in zip(models, manifest.segments, strict=True)]
-            chain = _Chain(core, cands, manifest.segments, hint, threads)
-            chain.run_all(feeds)
+            chains[hint] = _Chain(core, cands, manifest.segments, hint, threads).bound(x, manifest.input.name)
         except (TargetError, RuntimeError):
             continue
-        chains[hint] = chain
     if len(chains) < 2:
         return next(iter(chains), "f32"), {}
     times: dict[str, list[float]] = {h: [] for h in chains}
-    for _ in range(rounds):  # interleaved, medians: the machine may be busy
-        for hint, chain in chains.items():
+
+    def timed(hint: str) -> Callable[[bool], None]:
+        def run(record: bool) -> None:
             t = time.perf_counter()
-            chain.run_all(feeds)
-            times[hint].append(time.perf_counter() - t)
+            for req, feeds in chains[hint]:
+                req.infer(feeds)
+            if record:
+                times[hint].append(time.perf_counter() - t)
+        return run
+
+    _timed_blocks([timed(h) for h in chains], rounds)  # blocks interleaved, medians: the machine may be busy
     ms = {h: round(statistics.median(t) * 1e3, 3) for h, t in times.items()}
     return ("bf16" if ms["bf16"] < ms["f32"] else "f32"), ms
 
@@ -312,13 +315,17 @@ def measure_latency(
     *,
     threads: int | None = None,
     runs: int = 30,
+    block: int = 5,
 ) -> tuple[list[float], float | None]:
-    """Median batch-1 latency (ms) of each segment and of the monolithic model, interleaved."""
-    chain = _Chain(core, models, specs, hint, threads)
+    """Median batch-1 latency (ms) of each segment, run back to back, and of the monolithic model.
+
+    The chain and the monolithic model are timed in alternating blocks of ``block`` calls, each
+    after an untimed call. Alternating single calls would make each evict the other's weights
+    and code from the caches and bill that to both: the demo's INT8 segments measured 2-3x
+    their runtime latency that way.
+    """
     x = np.random.default_rng(0).standard_normal((1, *manifest.input.shape[1:])).astype(np.float32)  # type: ignore[arg-type]
-    feeds = chain.run_all({manifest.input.name: x})
-    reqs = [chain.compiled(k, 1).create_infer_request() for k in range(len(specs))]
-    seg_feeds = [chain.feeds(k, 1, feeds) for k in range(len(specs))]
+    bound = _Chain(core, models, specs, hint, threads).bound(x, manifest.input.name)
     mono_req = None
     if mono is not None:
         m = mono.clone()
@@ -326,22 +333,44 @@ def measure_latency(
         mono_req = core.compile_model(m, "CPU", _props(hint, threads)).create_infer_request()
     times: list[list[float]] = [[] for _ in specs]
     mono_t: list[float] = []
-    for _ in range(3):  # warm-up
-        for r, f in zip(reqs, seg_feeds, strict=True):
-            r.infer(f)
-        if mono_req is not None:
-            mono_req.infer({manifest.input.name: x})
-    for _ in range(runs):
-        for k, (r, f) in enumerate(zip(reqs, seg_feeds, strict=True)):
+
+    def run_chain(record: bool) -> None:
+        for k, (r, f) in enumerate(bound):
             t = time.perf_counter()
             r.infer(f)
-            times[k].append(time.perf_counter() - t)
-        if mono_req is not None:
-            t = time.perf_counter()
-            mono_req.infer({manifest.input.name: x})
+            if record:
+                times[k].append(time.perf_counter() - t)
+
+    def run_mono(record: bool) -> None:
+        assert mono_req is not None
+        t = time.perf_counter()
+        mono_req.infer({manifest.input.name: x})
+        if record:
             mono_t.append(time.perf_counter() - t)
+
+    _timed_blocks([run_chain] if mono_req is None else [run_chain, run_mono], runs, block)
     seg_ms = [statistics.median(t) * 1e3 for t in times]
     return seg_ms, (statistics.median(mono_t) * 1e3 if mono_t else None)
+
+
+def _timed_blocks(runs_of: Sequence[Callable[[bool], None]], runs: int, block: int = 5) -> None:
+    """Call each ``run(record)`` ``runs`` times with ``record=True``, in alternating blocks.
+
+    Two warm-up rounds, then blocks of ``block`` recorded calls per contender, each block
+    after an unrecorded call, so that no contender is timed right after another evicted its
+    weights (the machine's drift still reaches every contender alike).
+    """
+    for _ in range(2):
+        for run in runs_of:
+            run(False)
+    done = 0
+    while done < runs:
+        n = min(block, runs - done)
+        for run in runs_of:
+            run(False)
+            for _ in range(n):
+                run(True)
+        done += n
 
 
 # --------------------------------------------------------------------------- helpers
@@ -370,6 +399,13 @@ class _Chain:
         """Segment ``k``'s feeds from ``live``; bfloat16 inputs wrapped over their bits."""
         cm = self.compiled(k, batch)
         return _ov_feeds(cm, {t.name: live[t.name] for t in self.specs[k].inputs})
+
+    def bound(self, x: np.ndarray, input_name: str) -> list[tuple[Any, dict[str, Any]]]:
+        """(infer request, feeds) per segment for image ``x``: the chain, ready to time."""
+        live = self.run_all({input_name: x})
+        batch = int(x.shape[0])
+        return [(self.compiled(k, batch).create_infer_request(), self.feeds(k, batch, live))
+                for k in range(len(self.specs))]
 
     def run_all(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         live = dict(feeds)

@@ -37,3 +37,6 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert all(abs(a - b) <= 0.01 for a, b in zip(fp32, int8, strict=True))
     assert all(p.is_file() for p in report.plots) and len(report.plots) == 2
     assert "held-out digits" in "\n".join(lines)
+    # one engine thread throughout: the compile-time latencies (the calibration's costs) too
+    assert report.threads == 1 and "1 thread(s) per engine" in report.render()
+    assert all(e.metadata.get("latency_threads") == 1 for e in bundle.manifest.targets.values())
