@@ -27,6 +27,7 @@ measured batch-1 latency (also the monolithic model's, and the cost of the cut).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import statistics
@@ -256,7 +257,7 @@ def _pick_float_precision(
                 times[hint].append(time.perf_counter() - t)
         return run
 
-    _timed_blocks([timed(h) for h in chains], rounds)  # blocks interleaved, medians: the machine may be busy
+    _timed_blocks([timed(h) for h in chains], rounds, min_seconds=0.5)  # blocks, medians: the machine may be busy
     ms = {h: round(statistics.median(t) * 1e3, 3) for h, t in times.items()}
     return ("bf16" if ms["bf16"] < ms["f32"] else "f32"), ms
 
@@ -348,21 +349,29 @@ def measure_latency(
         if record:
             mono_t.append(time.perf_counter() - t)
 
-    _timed_blocks([run_chain] if mono_req is None else [run_chain, run_mono], runs, block)
+    _timed_blocks([run_chain] if mono_req is None else [run_chain, run_mono], runs, block, min_seconds=0.5)
     seg_ms = [statistics.median(t) * 1e3 for t in times]
     return seg_ms, (statistics.median(mono_t) * 1e3 if mono_t else None)
 
 
-def _timed_blocks(runs_of: Sequence[Callable[[bool], None]], runs: int, block: int = 5) -> None:
-    """Call each ``run(record)`` ``runs`` times with ``record=True``, in alternating blocks.
+def _timed_blocks(
+    runs_of: Sequence[Callable[[bool], None]], runs: int, block: int = 5, min_seconds: float = 0.0
+) -> None:
+    """Call each ``run(record)`` at least ``runs`` times with ``record=True``, in alternating blocks.
 
     Two warm-up rounds, then blocks of ``block`` recorded calls per contender, each block
     after an unrecorded call, so that no contender is timed right after another evicted its
-    weights (the machine's drift still reaches every contender alike).
+    weights (the machine's drift still reaches every contender alike). Small models get more
+    calls, up to ``20 * runs``, so that the timing spans ``min_seconds``: 30 calls of a 1 ms
+    model fit inside one burst of a neighbour's load.
     """
+    t = time.perf_counter()
     for _ in range(2):
         for run in runs_of:
             run(False)
+    per_round = (time.perf_counter() - t) / 2
+    if per_round > 0:
+        runs = min(max(runs, math.ceil(min_seconds / per_round)), 20 * runs)
     done = 0
     while done < runs:
         n = min(block, runs - done)

@@ -431,3 +431,18 @@ def test_latency_contenders_are_timed_in_alternating_blocks() -> None:
     for i, (name, rec) in enumerate(calls):
         if rec and (i == 0 or calls[i - 1][0] != name):
             raise AssertionError(f"call {i} ({name}) is timed right after another contender ran")
+
+
+def test_latency_timing_of_a_fast_model_spans_min_seconds() -> None:
+    import time
+
+    from targets.openvino import _timed_blocks
+
+    recorded: list[bool] = []
+
+    def run(record: bool) -> None:
+        time.sleep(0.002)
+        recorded.append(record)
+
+    _timed_blocks([run], 3, min_seconds=0.05)
+    assert 10 <= sum(recorded) <= 60  # ~25 calls of 2 ms; never more than 20 x the asked runs
