@@ -36,9 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_openvino import blocked_interleave  # noqa: E402
+from bench_openvino import _mono_session, blocked_interleave  # noqa: E402
 
-from edgeperceiver._optional import require  # noqa: E402
 from edgeperceiver.bundle import Bundle  # noqa: E402
 from edgeperceiver.runtime.openvino import OpenVINOBackend  # noqa: E402
 
@@ -54,51 +53,32 @@ class NodeTime:
 
 
 class Chain:
-    """Batch-1 infer requests for a bundle entry's segments, carried tensors bound output -> input."""
+    """A bundle entry's segments as the runtime runs them: batch-1 infer requests, carried tensors
+    bound output -> input (``OpenVINOBackend.chain``), the image bound once."""
 
     def __init__(self, bundle: Bundle, key: str, threads: int | None, *, perf_count: bool = False) -> None:
-        self.ov = require("openvino", purpose="profiling an OpenVINO bundle")
         self.bundle, self.entry = bundle, bundle.manifest.target(key)
-        backend = OpenVINOBackend(threads=threads)
-        self.core = backend.core
-        props = dict(backend.config.compile_properties(str(self.entry.metadata.get("inference_precision", "f32"))))
-        if perf_count:
-            props["PERF_COUNT"] = "YES"
-        self.props = props
-        spec = bundle.manifest.input
-        shape = (1, *(int(d) for d in spec.shape[1:]))
+        self.backend = OpenVINOBackend(threads=threads)
+        if perf_count:  # for every model compiled on this core
+            self.backend.core.set_property("CPU", {"PERF_COUNT": "YES"})
+        shape = (1, *(int(d) for d in bundle.manifest.input.shape[1:]))
         self.image = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-        self.requests = self._bind([self._compile(rel) for rel in self.entry.segments])
+        self._states: list[Any] = []  # keep each chain (and the image it binds) alive
+        self.requests = self._bound(tuple(self.backend.open(bundle, self.entry, s) for s in bundle.manifest.segments))
 
-    def _compile(self, rel: str) -> Any:
-        model = self.core.read_model(str(self.bundle.path(rel)))
-        model.reshape({p.get_any_name(): [1, *(d.get_length() for d in list(p.get_partial_shape())[1:])]
-                       for p in model.inputs})
-        return self.core.compile_model(model, "CPU", self.props)
-
-    def _bind(self, compiled: Sequence[Any]) -> list[Any]:
-        requests: list[Any] = []
-        made: dict[str, tuple[int, int]] = {}
-        for k, cm in enumerate(compiled):
-            req = cm.create_infer_request()
-            for i, port in enumerate(cm.inputs):
-                name = port.get_any_name()
-                if name == self.bundle.manifest.input.name:
-                    req.set_input_tensor(i, self.ov.Tensor(self.image))
-                else:
-                    producer, j = made[name]
-                    req.set_input_tensor(i, requests[producer].get_output_tensor(j))
-            for j, port in enumerate(cm.outputs):
-                for name in port.get_names():
-                    made[name] = (k, j)
-            requests.append(req)
-        return requests
+    def _bound(self, sessions: tuple[Any, ...]) -> list[Any]:
+        chain = self.backend.chain(sessions, self.bundle.manifest.input.name)
+        assert chain is not None
+        state = chain.start(self.image)
+        assert state is not None
+        self._states.append((chain, state))
+        return list(state.requests)
 
     def monolithic(self) -> Any | None:
         """A bound request for the entry's monolithic model, or None."""
         if self.entry.monolithic is None:
             return None
-        return self._bind([self._compile(self.entry.monolithic)])[0]
+        return self._bound((_mono_session(self.bundle, self.entry, self.backend),))[0]
 
     def run(self) -> None:
         for req in self.requests:
