@@ -30,7 +30,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,35 +42,12 @@ sys.path.insert(0, str(REPO))
 from edgeperceiver.bundle import Bundle, SegmentSpec, TargetEntry  # noqa: E402
 from edgeperceiver.runtime.openvino import OpenVINOBackend  # noqa: E402
 from edgeperceiver.runtime.runner import load  # noqa: E402
+from edgeperceiver.timing import interleaved  # noqa: E402
 from edgeperceiver.types import Precision, TargetName  # noqa: E402
 
 MODEL = "reg800m_perceiver_t128"
 GOLDEN = REPO.parent / "shared" / "fixtures" / "dynperceiver"
 RunFn = Callable[[np.ndarray], object]
-
-
-def blocked_interleave(
-    jobs: Mapping[str, Callable[[], object]], *, rounds: int, block: int, seed: int = 0
-) -> dict[str, list[float]]:
-    """Time each job in blocks of ``block`` back-to-back calls, blocks interleaved over ``rounds``.
-
-    Every block starts with one untimed call: engines leave spinning worker threads behind
-    (OpenMP, ONNX Runtime, TBB), which would otherwise bill one engine for another's idle
-    spin on 2 cores. Interleaving the blocks (order reshuffled each round) still spreads
-    the machine's drift over every contender alike. Seconds per call.
-    """
-    rng = np.random.default_rng(seed)
-    names = list(jobs)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(rounds):
-        for i in rng.permutation(len(names)):
-            fn = jobs[names[int(i)]]
-            fn()
-            for _ in range(block):
-                t0 = time.perf_counter()
-                fn()
-                times[names[int(i)]].append(time.perf_counter() - t0)
-    return times
 
 
 def synthetic_images(n: int, size: int = 224, *, seed: int = 0) -> np.ndarray:
@@ -335,7 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run = build(bundle)
             jobs[name] = (lambda run=run: run(x))
         print(f"timing {len(jobs)} contenders, {args.rounds} rounds x {args.block} calls ...", file=sys.stderr)
-        times = blocked_interleave(jobs, rounds=args.rounds, block=args.block)
+        # blocks of back-to-back calls, each after an untimed one; the order reshuffled every round
+        times = interleaved(jobs, repeats=args.rounds * args.block, block=args.block, settle=1, warmup=0)
         med = {n: statistics.median(t) * 1e3 for n, t in times.items()}
         q1 = {n: float(np.percentile(t, 25)) * 1e3 for n, t in times.items()}
         q3 = {n: float(np.percentile(t, 75)) * 1e3 for n, t in times.items()}

@@ -27,6 +27,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_openvino import _mono_session, blocked_interleave  # noqa: E402
+from bench_openvino import _mono_session  # noqa: E402
 
 from edgeperceiver.bundle import Bundle  # noqa: E402
 from edgeperceiver.runtime.openvino import OpenVINOBackend  # noqa: E402
+from edgeperceiver.timing import interleaved, recorder  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -133,17 +135,10 @@ def node_diff(mono: Sequence[NodeTime], segments: Sequence[NodeTime]) -> list[tu
 
 def cut_timing(chain: Chain, mono: Any, rounds: int, block: int = 6) -> dict[str, float]:
     """Interleaved medians (ms): monolithic, bound chain, each segment warm, each segment inside the chain."""
-    inside: list[list[float]] = [[] for _ in chain.requests]
-
-    def timed_chain() -> None:
-        for k, req in enumerate(chain.requests):
-            t0 = time.perf_counter()
-            req.infer()
-            inside[k].append(time.perf_counter() - t0)
-
-    jobs: dict[str, Callable[[], object]] = {"monolithic": mono.infer, "segments bound": timed_chain}
+    run_chain, inside = recorder([req.infer for req in chain.requests])
+    jobs: dict[str, Callable[[], object]] = {"monolithic": mono.infer, "segments bound": partial(run_chain, True)}
     jobs.update({f"segment {k + 1} alone (warm)": req.infer for k, req in enumerate(chain.requests)})
-    times = blocked_interleave(jobs, rounds=rounds, block=block)
+    times = interleaved(jobs, repeats=rounds * block, block=block, settle=1, warmup=0)
     out = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     out.update({f"segment {k + 1} inside the chain": statistics.median(t) * 1e3 for k, t in enumerate(inside)})
     return out

@@ -1,8 +1,9 @@
 """``edgeperceiver bench``: what early exit costs and saves on one target, measured.
 
-Everything is timed in one interleaved loop (round-robin over all measurements, one
-repeat of each per round) and reported as medians, because the machine is noisy and
-drifts: comparing numbers taken minutes apart measures the drift, not the engines.
+Everything is timed in one interleaved loop (:func:`edgeperceiver.timing.interleaved`:
+round-robin over all measurements, one repeat of each per round) and reported as medians,
+because the machine is noisy and drifts: comparing numbers taken minutes apart measures the
+drift, not the engines.
 
 Measured, at each batch size:
 
@@ -24,7 +25,6 @@ import dataclasses
 import json
 import os
 import statistics
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -36,56 +36,10 @@ import numpy as np
 from .bundle import Bundle, SegmentSpec
 from .errors import InputError
 from .runtime.runner import Runner, load
+from .timing import Progress, interleaved
 from .types import TargetName
 
-Progress = Callable[[int, int], None]
-
-#: clocks a measurement can use: wall time, or the CPU time of the whole process (robust to
-#: other processes competing for the CPU; with ``threads=1`` it is the work actually done)
-CLOCKS: Mapping[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-# --------------------------------------------------------------------------- timing loop
-
-
-def interleaved(
-    jobs: Mapping[str, Callable[[], object]],
-    *,
-    repeats: int,
-    warmup: int = 2,
-    progress: Progress | None = None,
-    seed: int = 0,
-    clock: str = "wall",
-) -> dict[str, list[float]]:
-    """Time every job ``repeats`` times, round-robin (order reshuffled each round); seconds.
-
-    ``warmup`` untimed rounds come first. ``progress(done, total)`` is called after each
-    timed call. ``clock``: a key of :data:`CLOCKS`.
-    """
-    if clock not in CLOCKS:
-        raise InputError(f"clock must be one of {sorted(CLOCKS)}, not {clock!r}")
-    now = CLOCKS[clock]
-    if repeats < 1:
-        raise InputError(f"repeats must be >= 1, got {repeats}")
-    if warmup < 0:
-        raise InputError(f"warmup must be >= 0, got {warmup}")
-    names = list(jobs)
-    rng = np.random.default_rng(seed)
-    for _ in range(warmup):
-        for n in names:
-            jobs[n]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    total, done = repeats * len(names), 0
-    for _ in range(repeats):
-        for i in rng.permutation(len(names)):
-            n = names[int(i)]
-            t0 = now()
-            jobs[n]()
-            times[n].append(now() - t0)
-            done += 1
-            if progress is not None:
-                progress(done, total)
-    return times
+# --------------------------------------------------------------------------- helpers
 
 
 def median_ms(samples: Sequence[float], per: int = 1) -> float:

@@ -17,11 +17,14 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .errors import CalibrationError
+from .timing import interleaved
 from .types import Precision, TargetName
 
 Echo = Callable[[str], None]
@@ -186,8 +189,9 @@ def _measure(
     """Mean latency per image at batch 1, per target (``thresholds``' keys) under both policies.
 
     ``rounds`` timed passes over every image; in each round every (target, policy) makes one
-    pass, in an order reversed every other round, so that the machine's drift reaches all rows
-    alike (the 2-core machine is shared and noisy). Median of the passes.
+    pass, in an order reshuffled every round (:func:`~edgeperceiver.timing.interleaved`), so that
+    the machine's drift reaches all rows alike (the 2-core machine is shared and noisy). Median
+    of the passes.
     """
     from .runtime import load
 
@@ -198,21 +202,19 @@ def _measure(
         jobs[(key, "last exit")] = (runner, (*([None] * (k - 1)), 0.0))
         jobs[(key, goal)] = (runner, tuple(th))
     preds = {job: runner.predict(x, thresholds=th) for job, (runner, th) in jobs.items()}  # also warms up
-    passes: dict[tuple[str, str], list[float]] = {job: [] for job in jobs}
-    order = list(jobs)
-    for r in range(rounds):
-        for job in order if r % 2 == 0 else order[::-1]:
-            runner, th = jobs[job]
-            t0 = time.perf_counter()
-            for i in range(x.shape[0]):
-                runner.predict(x[i : i + 1], thresholds=th)
-            passes[job].append((time.perf_counter() - t0) / x.shape[0])
+
+    def one_pass(runner: Any, th: tuple[float | None, ...]) -> None:
+        for i in range(x.shape[0]):
+            runner.predict(x[i : i + 1], thresholds=th)
+
+    passes = interleaved({job: partial(one_pass, *jobs[job]) for job in jobs}, repeats=rounds, warmup=0)
     rows = []
     for (key, policy), (runner, th) in jobs.items():
         exits = preds[(key, policy)].exits
         share = tuple(float(np.mean(exits == e)) for e in range(1, runner.num_exits + 1))
         accuracy = float(np.mean(preds[(key, policy)].labels == y))
-        rows.append(DemoRow(key, policy, accuracy, 1e3 * statistics.median(passes[(key, policy)]), share, th))
+        ms = 1e3 * statistics.median(passes[(key, policy)]) / x.shape[0]  # per image
+        rows.append(DemoRow(key, policy, accuracy, ms, share, th))
     return rows
 
 

@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from edgeperceiver._optional import require
 from edgeperceiver.bundle import BundleWriter, Manifest, TargetEntry
 from edgeperceiver.errors import InputError, TargetError
 from edgeperceiver.quantize import QuantizeConfig, check_calibration, exit_agreement, options_to, qdq_segments
+from edgeperceiver.timing import recorder, take_turns
 from edgeperceiver.types import Precision, TargetName
 
 
@@ -160,13 +162,8 @@ def _latency(sessions: Sequence[Any], manifest: Manifest, runs: int) -> list[flo
     x = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
     live = _run_chain(sessions, manifest, x)
     feeds = [{t.name: live[t.name] for t in s.inputs} for s in manifest.segments]
-    times: list[list[float]] = [[] for _ in sessions]
-    for i in range(runs + 3):
-        for k, (sess, f) in enumerate(zip(sessions, feeds, strict=True)):
-            t = time.perf_counter()
-            sess.run(None, f)
-            if i >= 3:
-                times[k].append(time.perf_counter() - t)
+    run_chain, times = recorder([partial(sess.run, None, f) for sess, f in zip(sessions, feeds, strict=True)])
+    take_turns([run_chain], runs, warmup=3, min_seconds=0.5)  # a small model gets more calls
     return [statistics.median(t) * 1e3 for t in times]
 
 

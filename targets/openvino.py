@@ -27,7 +27,6 @@ measured batch-1 latency (also the monolithic model's, and the cost of the cut).
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import shutil
 import statistics
@@ -36,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from edgeperceiver.bundle import BATCH, BundleWriter, Manifest, SegmentSpec, Tar
 from edgeperceiver.errors import InputError, TargetError
 from edgeperceiver.quantize import QuantizeConfig, check_calibration, exit_agreement, nncf_quantize, options_to
 from edgeperceiver.runtime.openvino import is_bf16, tensor_to_host
+from edgeperceiver.timing import interleaved, recorder, take_turns
 from edgeperceiver.types import Precision, TargetName
 
 METHODS = ("qdq", "segment")
@@ -246,18 +247,14 @@ def _pick_float_precision(
             continue
     if len(chains) < 2:
         return next(iter(chains), "f32"), {}
-    times: dict[str, list[float]] = {h: [] for h in chains}
 
-    def timed(hint: str) -> Callable[[bool], None]:
-        def run(record: bool) -> None:
-            t = time.perf_counter()
-            for req, feeds in chains[hint]:
-                req.infer(feeds)
-            if record:
-                times[hint].append(time.perf_counter() - t)
-        return run
+    def run_chain(chain: list[tuple[Any, dict[str, Any]]]) -> None:
+        for req, feeds in chain:
+            req.infer(feeds)
 
-    _timed_blocks([timed(h) for h in chains], rounds, min_seconds=0.5)  # blocks, medians: the machine may be busy
+    # blocks, medians: the machine may be busy
+    times = interleaved({h: partial(run_chain, c) for h, c in chains.items()}, repeats=rounds, block=5, settle=1,
+                        min_seconds=0.5, seed=None)
     ms = {h: round(statistics.median(t) * 1e3, 3) for h, t in times.items()}
     return ("bf16" if ms["bf16"] < ms["f32"] else "f32"), ms
 
@@ -320,10 +317,8 @@ def measure_latency(
 ) -> tuple[list[float], float | None]:
     """Median batch-1 latency (ms) of each segment, run back to back, and of the monolithic model.
 
-    The chain and the monolithic model are timed in alternating blocks of ``block`` calls, each
-    after an untimed call. Alternating single calls would make each evict the other's weights
-    and code from the caches and bill that to both: the demo's INT8 segments measured 2-3x
-    their runtime latency that way.
+    The chain and the monolithic model take turns in blocks of ``block`` calls, each block after
+    an untimed call (:func:`edgeperceiver.timing.take_turns`).
     """
     x = np.random.default_rng(0).standard_normal((1, *manifest.input.shape[1:])).astype(np.float32)  # type: ignore[arg-type]
     bound = _Chain(core, models, specs, hint, threads).bound(x, manifest.input.name)
@@ -332,54 +327,15 @@ def measure_latency(
         m = mono.clone()
         m.reshape({manifest.input.name: [1, *manifest.input.shape[1:]]})
         mono_req = core.compile_model(m, "CPU", _props(hint, threads)).create_infer_request()
-    times: list[list[float]] = [[] for _ in specs]
-    mono_t: list[float] = []
-
-    def run_chain(record: bool) -> None:
-        for k, (r, f) in enumerate(bound):
-            t = time.perf_counter()
-            r.infer(f)
-            if record:
-                times[k].append(time.perf_counter() - t)
-
-    def run_mono(record: bool) -> None:
-        assert mono_req is not None
-        t = time.perf_counter()
-        mono_req.infer({manifest.input.name: x})
-        if record:
-            mono_t.append(time.perf_counter() - t)
-
-    _timed_blocks([run_chain] if mono_req is None else [run_chain, run_mono], runs, block, min_seconds=0.5)
+    run_chain, times = recorder([partial(r.infer, f) for r, f in bound])
+    runs_of = [run_chain]
+    mono_t: list[list[float]] = [[]]
+    if mono_req is not None:
+        run_mono, mono_t = recorder([partial(mono_req.infer, {manifest.input.name: x})])
+        runs_of.append(run_mono)
+    take_turns(runs_of, runs, block=block, settle=1, min_seconds=0.5)
     seg_ms = [statistics.median(t) * 1e3 for t in times]
-    return seg_ms, (statistics.median(mono_t) * 1e3 if mono_t else None)
-
-
-def _timed_blocks(
-    runs_of: Sequence[Callable[[bool], None]], runs: int, block: int = 5, min_seconds: float = 0.0
-) -> None:
-    """Call each ``run(record)`` at least ``runs`` times with ``record=True``, in alternating blocks.
-
-    Two warm-up rounds, then blocks of ``block`` recorded calls per contender, each block
-    after an unrecorded call, so that no contender is timed right after another evicted its
-    weights (the machine's drift still reaches every contender alike). Small models get more
-    calls, up to ``20 * runs``, so that the timing spans ``min_seconds``: 30 calls of a 1 ms
-    model fit inside one burst of a neighbour's load.
-    """
-    t = time.perf_counter()
-    for _ in range(2):
-        for run in runs_of:
-            run(False)
-    per_round = (time.perf_counter() - t) / 2
-    if per_round > 0:
-        runs = min(max(runs, math.ceil(min_seconds / per_round)), 20 * runs)
-    done = 0
-    while done < runs:
-        n = min(block, runs - done)
-        for run in runs_of:
-            run(False)
-            for _ in range(n):
-                run(True)
-        done += n
+    return seg_ms, (statistics.median(mono_t[0]) * 1e3 if mono_t[0] else None)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -13,7 +13,7 @@ pytest.importorskip("onnxruntime")
 
 from bundles import make_toy_bundle, toy_inputs
 
-from edgeperceiver.bench import bench, interleaved, mix_counts, mix_schedule
+from edgeperceiver.bench import bench, mix_counts, mix_schedule
 from edgeperceiver.errors import InputError
 
 
@@ -32,24 +32,6 @@ def test_mix_counts_and_schedule() -> None:
     s = mix_schedule([0.5, 0.5], 10, seed=1)
     assert sorted(s.tolist()) == [1] * 5 + [2] * 5
     np.testing.assert_array_equal(s, mix_schedule([0.5, 0.5], 10, seed=1))
-
-
-def test_interleaved_is_round_robin() -> None:
-    calls: list[str] = []
-    jobs = {n: (lambda n=n: calls.append(n)) for n in "abc"}
-    seen: list[tuple[int, int]] = []
-    times = interleaved(jobs, repeats=4, warmup=1, progress=lambda d, t: seen.append((d, t)))
-    assert calls[:3] == ["a", "b", "c"]  # warm-up round
-    rounds = [sorted(calls[3 + 3 * r : 6 + 3 * r]) for r in range(4)]
-    assert rounds == [["a", "b", "c"]] * 4
-    assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4, "c": 4}
-    assert seen[-1] == (12, 12) and len(seen) == 12
-    with pytest.raises(InputError):
-        interleaved(jobs, repeats=0)
-    with pytest.raises(InputError, match="clock"):
-        interleaved(jobs, repeats=1, clock="sundial")
-    busy = interleaved({"spin": lambda: sum(range(200_000)), "idle": lambda: None}, repeats=3, clock="cpu")
-    assert min(busy["spin"]) > max(busy["idle"])
 
 
 def test_bench_reports_every_measurement(toy: Path) -> None:

@@ -417,32 +417,3 @@ def test_profile_script_reports_nodes_and_decomposes_the_cut(
     for k in range(1, 4):  # the toy bundle has three segments
         assert f"segment {k} alone (warm)" in out and f"segment {k} inside the chain" in out
     assert "segments bound / monolithic" in out
-
-
-def test_latency_contenders_are_timed_in_alternating_blocks() -> None:
-    from targets.openvino import _timed_blocks
-
-    calls: list[tuple[str, bool]] = []
-    _timed_blocks([lambda rec: calls.append(("chain", rec)), lambda rec: calls.append(("mono", rec))], 7, 3)
-    recorded = [name for name, rec in calls if rec]
-    assert recorded.count("chain") == 7 and recorded.count("mono") == 7
-    # blocks of 3, 3, 1 recorded calls; every block starts with an unrecorded call of its own contender
-    assert recorded == ["chain"] * 3 + ["mono"] * 3 + ["chain"] * 3 + ["mono"] * 3 + ["chain", "mono"]
-    for i, (name, rec) in enumerate(calls):
-        if rec and (i == 0 or calls[i - 1][0] != name):
-            raise AssertionError(f"call {i} ({name}) is timed right after another contender ran")
-
-
-def test_latency_timing_of_a_fast_model_spans_min_seconds() -> None:
-    import time
-
-    from targets.openvino import _timed_blocks
-
-    recorded: list[bool] = []
-
-    def run(record: bool) -> None:
-        time.sleep(0.002)
-        recorded.append(record)
-
-    _timed_blocks([run], 3, min_seconds=0.05)
-    assert 10 <= sum(recorded) <= 60  # ~25 calls of 2 ms; never more than 20 x the asked runs
