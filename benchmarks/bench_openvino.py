@@ -24,7 +24,6 @@ cut's price at fp32 and int8) and the INT8 compile report (per exit agreement wi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import statistics
@@ -39,7 +38,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from edgeperceiver.bundle import Bundle, SegmentSpec, TargetEntry  # noqa: E402
+from edgeperceiver.bench import monolithic_session  # noqa: E402
+from edgeperceiver.bundle import Bundle, TargetEntry  # noqa: E402
 from edgeperceiver.runtime.openvino import OpenVINOBackend  # noqa: E402
 from edgeperceiver.runtime.runner import load  # noqa: E402
 from edgeperceiver.timing import interleaved  # noqa: E402
@@ -82,15 +82,6 @@ def compile_all(bundle: Path, calib: np.ndarray, threads: int, int8_options: Map
                        options=opts)
 
 
-def _mono_session(bundle: Bundle, entry: TargetEntry, backend: OpenVINOBackend) -> Any:
-    m = bundle.manifest
-    if entry.monolithic is None:
-        raise ValueError(f"{entry.key} has no monolithic model")
-    outputs = tuple(next(t for t in s.outputs if t.name == s.exit) for s in m.segments)
-    spec = SegmentSpec(1, entry.monolithic, m.exits[-1], (m.input,), outputs, ())
-    return backend.open(bundle, dataclasses.replace(entry, segments=(entry.monolithic,)), spec)
-
-
 def monolithic(key: str, threads: int, *, dynamic: bool = False) -> Callable[[Path], RunFn]:
     """The target's monolithic model as one OpenVINO session (static shape per batch size)."""
 
@@ -100,7 +91,9 @@ def monolithic(key: str, threads: int, *, dynamic: bool = False) -> Callable[[Pa
         backend = OpenVINOBackend(threads=threads)
         if dynamic:
             return _dynamic(b, entry, backend)
-        sess = _mono_session(b, entry, backend)
+        sess = monolithic_session(b, entry, backend)
+        if sess is None:
+            raise ValueError(f"{key} has no monolithic model")
         name = b.manifest.input.name
         return lambda x: sess.run({name: x})
 

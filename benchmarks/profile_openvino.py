@@ -35,10 +35,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_openvino import _mono_session  # noqa: E402
-
+from edgeperceiver.bench import monolithic_session  # noqa: E402
 from edgeperceiver.bundle import Bundle  # noqa: E402
 from edgeperceiver.runtime.openvino import OpenVINOBackend  # noqa: E402
 from edgeperceiver.timing import interleaved, recorder  # noqa: E402
@@ -78,9 +76,8 @@ class Chain:
 
     def monolithic(self) -> Any | None:
         """A bound request for the entry's monolithic model, or None."""
-        if self.entry.monolithic is None:
-            return None
-        return self._bound((_mono_session(self.bundle, self.entry, self.backend),))[0]
+        session = monolithic_session(self.bundle, self.entry, self.backend)
+        return None if session is None else self._bound((session,))[0]
 
     def run(self) -> None:
         for req in self.requests:

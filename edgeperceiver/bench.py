@@ -33,8 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import Bundle, SegmentSpec
+from .bundle import Bundle, SegmentSpec, TargetEntry
 from .errors import InputError
+from .runtime.backend import Backend, Session
 from .runtime.runner import Runner, load
 from .timing import Progress, interleaved
 from .types import TargetName
@@ -206,17 +207,23 @@ class BenchReport:
 # --------------------------------------------------------------------------- bench
 
 
-def open_monolithic(runner: Runner) -> Callable[[Any], dict[str, Any]] | None:
-    """A callable running the target's monolithic model on backend feeds, or None if it has none."""
-    entry = runner.entry
+def monolithic_session(bundle: Bundle, entry: TargetEntry, backend: Backend) -> Session | None:
+    """A session of ``entry``'s monolithic model on ``backend`` (input: the image; outputs: the
+    exits), or None if the entry has none."""
     if not entry.monolithic:
         return None
-    m = runner.manifest
+    m = bundle.manifest
     outputs = tuple(next(t for t in s.outputs if t.name == s.exit) for s in m.segments)
-    spec = SegmentSpec(1, m.model_path, m.exits[-1], (m.input,), outputs, ())
-    mono_entry = dataclasses.replace(entry, segments=(entry.monolithic,))
-    session = runner.backend.open(runner.bundle, mono_entry, spec)
-    name = m.input.name
+    spec = SegmentSpec(1, entry.monolithic, m.exits[-1], (m.input,), outputs, ())
+    return backend.open(bundle, dataclasses.replace(entry, segments=(entry.monolithic,)), spec)
+
+
+def open_monolithic(runner: Runner) -> Callable[[Any], dict[str, Any]] | None:
+    """A callable running the target's monolithic model on backend feeds, or None if it has none."""
+    session = monolithic_session(runner.bundle, runner.entry, runner.backend)
+    if session is None:
+        return None
+    name = runner.manifest.input.name
     return lambda x: session.run({name: x})
 
 
