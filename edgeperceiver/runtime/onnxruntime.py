@@ -11,9 +11,11 @@ next segment's threads. Measured on the 2-core machine while other jobs ran (reg
 the chained segments 275-287 ms instead of 44-74 ms. ``spin=True`` may shave a little
 latency on an idle CPU dedicated to this process.
 
-Carried tensors stay ``OrtValue``s between segments (``run_with_ort_values``): a segment's
-outputs feed the next segment without being copied into new numpy arrays (about 0.2 ms
-per image for reg800m's 0.9 MB of carried tensors). ``to_host`` and ``take`` give numpy.
+Backend arrays are plain numpy arrays: ``InferenceSession.run`` takes and returns them.
+Keeping the carried tensors as ``OrtValue``s (``run_with_ort_values``) measured slower:
+wrapping and unwrapping costs ~50 us per segment call, more than it saves in copies (the
+demo model, batch 1, one thread: 1.22 vs 1.02 ms per image through the runtime; reg800m at
+2 threads: 24.56 vs 24.44 ms, one interleaved run each).
 
 ``onnxruntime`` is imported when the backend is created, never at module import.
 ORT sessions are safe to ``run`` from several threads at once (``thread_safe = True``).
@@ -48,7 +50,7 @@ class OrtConfig:
 class OrtBackend:
     """Runs ONNX segments with ONNX Runtime (CPU by default; any installed provider).
 
-    Backend arrays are numpy arrays or ``OrtValue``s (outputs of a segment, on the CPU).
+    Backend arrays are numpy arrays.
     """
 
     name = "onnxruntime"
@@ -81,15 +83,12 @@ class OrtBackend:
         return array
 
     def to_host(self, array: Any) -> np.ndarray:
-        """A numpy copy of ``array`` (an ``OrtValue`` or numpy array)."""
-        if isinstance(array, np.ndarray):
-            return array
-        return np.array(array.numpy(), copy=True)
+        """``array`` as numpy (it is one already)."""
+        return np.asarray(array)
 
     def take(self, array: Any, rows: np.ndarray) -> np.ndarray:
         """Rows ``rows`` of ``array`` along the batch axis, as a new contiguous numpy array."""
-        host = array if isinstance(array, np.ndarray) else array.numpy()
-        return np.ascontiguousarray(host[rows])
+        return np.ascontiguousarray(array[rows])
 
     def session_options(self) -> Any:
         """The ``SessionOptions`` every segment is opened with."""
@@ -126,7 +125,7 @@ class OrtBackend:
             tmp = Path(so.optimized_model_filepath)
             if tmp.is_file():
                 os.replace(tmp, self._cached_path(path, bundle.manifest.files.get(rel)))
-        return OrtSession(sess, segment, self.ort.OrtValue)
+        return OrtSession(sess, segment)
 
     def _cached_path(self, path: Path, digest: str | None) -> Path:
         if digest is None:  # not listed in the manifest: hash it here
@@ -140,13 +139,11 @@ class OrtBackend:
 
 
 class OrtSession:
-    """One segment's ``InferenceSession``; returns every output by name, as ``OrtValue``s."""
+    """One segment's ``InferenceSession``; returns every output by name, as numpy arrays."""
 
-    def __init__(self, session: Any, segment: SegmentSpec, ortvalue: Any) -> None:
+    def __init__(self, session: Any, segment: SegmentSpec) -> None:
         self.session = session
         self.segment = segment
-        self._wrap = ortvalue.ortvalue_from_numpy
-        self._ortvalue = ortvalue
         self.output_names = [o.name for o in session.get_outputs()]
         have = {i.name for i in session.get_inputs()}
         missing = [t.name for t in segment.inputs if t.name not in have]
@@ -156,11 +153,8 @@ class OrtSession:
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         try:
-            values = {}
-            for n in self.input_names:
-                v = feeds[n]
-                values[n] = v if isinstance(v, self._ortvalue) else self._wrap(np.ascontiguousarray(v))
-            outs = self.session.run_with_ort_values(self.output_names, values)
+            values = {n: np.ascontiguousarray(feeds[n]) for n in self.input_names}
+            outs = self.session.run(self.output_names, values)
         except KeyError as exc:
             raise InputError(f"segment {self.segment.index} needs input {exc.args[0]!r}") from None
         except Exception as exc:  # onnxruntime's own error types
