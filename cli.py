@@ -238,6 +238,9 @@ def bench(
     ] = None,
     data: Annotated[Path | None, typer.Option(help="Inputs for latency under the bundle's thresholds.")] = None,
     repeats: Annotated[int, typer.Option(help="Timed repetitions per measurement.")] = 30,
+    block: Annotated[
+        int, typer.Option(min=1, help="Timed calls in a row per measurement (1: round-robin single calls, cold).")
+    ] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Measure per-segment, per-exit, monolithic and early-exit latency on a target."""
@@ -249,7 +252,7 @@ def bench(
     sizes = _ints(batch_sizes, "--batch-sizes") or (1,)
     report = run_bench(
         bundle, target, batch_sizes=sizes, exit_mix=_floats(exit_mix, "--exit-mix"), data=data, repeats=repeats,
-        progress=partial(TextProgress(), "timing (interleaved)"),
+        block=block, progress=partial(TextProgress(), "timing (interleaved)"),
     )  # fmt: skip
     typer.echo(report.to_json() if as_json else report.render())
 

@@ -132,6 +132,7 @@ class BenchReport:
     data_exit_share: tuple[float, ...] | None = None  #: share of data samples leaving at each exit
     extra_ms: Mapping[str, float] = field(default_factory=dict)  #: medians of ``extra_jobs``, by name
     clock: str = "wall"  #: "wall" time or process "cpu" time
+    block: int = 1  #: timed calls in a row per measurement and round (after one untimed call when > 1)
     info: Mapping[str, Any] = field(default_factory=dict)
 
     def batch(self, n: int) -> BatchResult:
@@ -193,7 +194,9 @@ class BenchReport:
         threads = "default" if self.threads is None else str(self.threads)
         lines = [
             f"{self.model} on {self.target} ({self.backend}, threads {threads}): medians of {self.repeats} "
-            f"interleaved repeats after {self.warmup} warm-up rounds, {self.clock} clock",
+            f"interleaved repeats"
+            + (f" in blocks of {self.block}" if self.block > 1 else "")
+            + f" after {self.warmup} warm-up rounds, {self.clock} clock",
             " " * w0 + "  " + "  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)),
         ]
         for label, cells in rows:
@@ -260,6 +263,7 @@ def bench(
     data_limit: int = 64,
     repeats: int = 30,
     warmup: int = 3,
+    block: int = 1,
     threads: int | None = None,
     mix_round: int = 20,
     progress: Progress | None = None,
@@ -278,7 +282,10 @@ def bench(
     ``extra_jobs(runner)`` may add more callables (e.g. other engines on the same model)
     to the same interleaved loop; their medians land in ``extra_ms``.
     ``clock="cpu"`` times process CPU time instead of wall time (for a machine shared with
-    other work; meaningful for the work done with ``threads=1``).
+    other work; meaningful for the work done with ``threads=1``). ``block=1`` (default) times
+    single calls round-robin, each one right after another measurement ran (cold caches);
+    ``block=n`` times ``n`` calls in a row after one untimed call of the same measurement
+    (steady state, as the compile-time latencies are measured).
     """
     sizes = tuple(int(b) for b in batch_sizes)
     if not sizes or any(b < 1 for b in sizes):
@@ -339,7 +346,8 @@ def bench(
     if clash:
         raise InputError(f"extra jobs reuse built-in names: {clash}")
     jobs.update(extra)
-    times = interleaved(jobs, repeats=repeats, warmup=warmup, progress=progress, seed=seed, clock=clock)
+    times = interleaved(jobs, repeats=repeats, block=block, settle=int(block > 1), warmup=warmup, progress=progress,
+                        seed=seed, clock=clock)
 
     data_exits = None if xdata is None else runner.predict(xdata).exits
     results = []
@@ -377,6 +385,7 @@ def bench(
         threads=threads,
         repeats=repeats,
         warmup=warmup,
+        block=block,
         exits=runner.manifest.exits,
         batches=tuple(results),
         exit_mix=mix,

@@ -75,3 +75,10 @@ def test_bench_rejects_bad_options(toy: Path) -> None:
         bench(toy, exit_mix=(0.5, -0.5, 1.0), repeats=1)
     with pytest.raises(InputError, match="batch sizes"):
         bench(toy, batch_sizes=(0,), repeats=1)
+
+
+def test_bench_in_blocks_times_steady_state_calls(toy: Path) -> None:
+    report = bench(toy, batch_sizes=(1,), repeats=4, warmup=0, block=2, threads=1)
+    assert report.block == 2 and json.loads(report.to_json())["block"] == 2
+    assert "interleaved repeats in blocks of 2" in report.render()
+    assert all(v > 0 for v in report.batch(1).cumulative_ms)
