@@ -287,20 +287,41 @@ def _report(
                 f"max |logit diff| {row['max_abs_logit_diff']:.4f}")
         out["agreement"] = {"images": int(images.shape[0]), "reference": "openvino-f32", "exits": per_exit}
     if opts.latency_runs > 0:
-        seg_ms, mono_ms = measure_latency(core, models, manifest.segments, mono, manifest, hint,
-                                          threads=opts.threads, runs=opts.latency_runs)
-        cumulative = list(np.cumsum(seg_ms))
-        out["segment_ms"] = [round(x, 3) for x in seg_ms]
+        lat = measure_latency(core, models, manifest.segments, mono, manifest, hint, threads=opts.threads,
+                              runs=opts.latency_runs, fp32_models=None if precision is Precision.FP32 else fp32_models)
+        cumulative = list(np.cumsum(lat.segment_ms))
+        out["segment_ms"] = [round(x, 3) for x in lat.segment_ms]
         out["cumulative_ms"] = [round(float(x), 3) for x in cumulative]
-        for k, (s, c) in enumerate(zip(seg_ms, cumulative, strict=True), start=1):
+        for k, (s, c) in enumerate(zip(lat.segment_ms, cumulative, strict=True), start=1):
             log(f"  segment {k}: {s:.2f} ms (to exit {k}: {c:.2f} ms)")
-        if mono_ms is not None:
-            out["monolithic_ms"] = round(mono_ms, 3)
-            out["cut_overhead"] = round(float(cumulative[-1]) / mono_ms - 1.0, 4)
-            log(f"  monolithic: {mono_ms:.2f} ms; the segments back to back cost "
+        if lat.monolithic_ms is not None:
+            out["monolithic_ms"] = round(lat.monolithic_ms, 3)
+            out["cut_overhead"] = round(float(cumulative[-1]) / lat.monolithic_ms - 1.0, 4)
+            log(f"  monolithic: {lat.monolithic_ms:.2f} ms; the segments back to back cost "
                 f"{out['cut_overhead']:+.1%}")
+        if lat.fp32_segment_ms is not None:
+            fp32_cum = np.cumsum(lat.fp32_segment_ms)
+            out["fp32_cumulative_ms"] = [round(float(x), 3) for x in fp32_cum]
+            out["speedup_vs_fp32"] = [round(float(r / c), 3) for r, c in zip(fp32_cum, cumulative, strict=True)]
+            log(f"  vs the FP32 segments (same loop): {out['speedup_vs_fp32'][-1]:.2f}x to the last exit "
+                f"({fp32_cum[-1]:.2f} vs {cumulative[-1]:.2f} ms), to each exit "
+                + " / ".join(f"{v:.2f}x" for v in out["speedup_vs_fp32"]))
+            slower = [str(k) for k, v in enumerate(out["speedup_vs_fp32"], start=1) if v < 1.0]
+            if slower:
+                where = "every exit" if len(slower) == len(cumulative) else "exit " + ", ".join(slower)
+                log(f"  note: {precision.value} is slower than FP32 to {where} on this CPU (typical of small "
+                    "layers, where per-node overhead outweighs the kernels); --precision fp32 may serve better")
         out["latency_threads"] = opts.threads
     return out
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Median batch-1 latencies (ms) measured in one loop at compile time."""
+
+    segment_ms: tuple[float, ...]  #: each segment, run back to back
+    monolithic_ms: float | None = None
+    fp32_segment_ms: tuple[float, ...] | None = None  #: the FP32 segments, for comparison
 
 
 def measure_latency(
@@ -311,31 +332,37 @@ def measure_latency(
     manifest: Manifest,
     hint: str,
     *,
+    fp32_models: Sequence[Any] | None = None,
     threads: int | None = None,
     runs: int = 30,
     block: int = 5,
-) -> tuple[list[float], float | None]:
-    """Median batch-1 latency (ms) of each segment, run back to back, and of the monolithic model.
+) -> Latency:
+    """Batch-1 latency of each segment run back to back, of the monolithic model, and (given
+    ``fp32_models``) of the FP32 segments, all in one loop.
 
-    The chain and the monolithic model take turns in blocks of ``block`` calls, each block after
-    an untimed call (:func:`edgeperceiver.timing.take_turns`).
+    The contenders take turns in blocks of ``block`` calls, each block after an untimed call
+    (:func:`edgeperceiver.timing.take_turns`).
     """
     x = np.random.default_rng(0).standard_normal((1, *manifest.input.shape[1:])).astype(np.float32)  # type: ignore[arg-type]
-    bound = _Chain(core, models, specs, hint, threads).bound(x, manifest.input.name)
-    mono_req = None
+    chains = [_Chain(core, models, specs, hint, threads)]
+    if fp32_models is not None:
+        chains.append(_Chain(core, fp32_models, specs, "f32", threads))
+    runs_of, times = [], []
+    for chain in chains:
+        run, t = recorder([r.infer for r in chain.bound(x, manifest.input.name)])
+        runs_of.append(run)
+        times.append(t)
+    mono_t: list[list[float]] = [[]]
     if mono is not None:
         m = mono.clone()
         m.reshape({manifest.input.name: [1, *manifest.input.shape[1:]]})
         mono_req = core.compile_model(m, "CPU", _props(hint, threads)).create_infer_request()
-    run_chain, times = recorder([r.infer for r in bound])
-    runs_of = [run_chain]
-    mono_t: list[list[float]] = [[]]
-    if mono_req is not None:
         run_mono, mono_t = recorder([partial(mono_req.infer, {manifest.input.name: x})])
         runs_of.append(run_mono)
     take_turns(runs_of, runs, block=block, settle=1, min_seconds=0.5)
-    seg_ms = [statistics.median(t) * 1e3 for t in times]
-    return seg_ms, (statistics.median(mono_t[0]) * 1e3 if mono_t[0] else None)
+    seg_ms = [tuple(statistics.median(t) * 1e3 for t in per_segment) for per_segment in times]
+    return Latency(seg_ms[0], statistics.median(mono_t[0]) * 1e3 if mono_t[0] else None,
+                   seg_ms[1] if len(seg_ms) > 1 else None)
 
 
 # --------------------------------------------------------------------------- helpers

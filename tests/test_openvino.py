@@ -58,6 +58,12 @@ def test_entries_record_pinned_precision_and_report(compiled: Path) -> None:
     lat = int8.latency_ms
     assert len(lat) == 3 and all(b >= a > 0 for a, b in itertools.pairwise(lat))
     assert len(int8.metadata["segment_ms"]) == 3 and int8.metadata["monolithic_ms"] > 0
+    # the FP32 segments timed in the same loop: INT8's speed-up to each exit, in the report
+    fp32_cum, speedup = int8.metadata["fp32_cumulative_ms"], int8.metadata["speedup_vs_fp32"]
+    assert len(fp32_cum) == len(speedup) == 3 and all(v > 0 for v in (*fp32_cum, *speedup))
+    assert speedup[-1] == pytest.approx(fp32_cum[-1] / lat[-1], rel=0.01)
+    assert "vs the FP32 segments (same loop)" in int8.metadata["report"]
+    assert "speedup_vs_fp32" not in m.target("openvino-fp32").metadata
     for key in ("openvino-fp32", "openvino-bf16", "openvino-int8"):
         entry = m.target(key)
         assert entry.segments == tuple(f"{key}/seg{k}.xml" for k in (1, 2, 3))
