@@ -135,7 +135,7 @@ def compile_(
     ] = None,
 ) -> None:
     """Quantize (INT8) and compile every segment for a target; atomic."""
-    from targets import compile_bundle
+    from edgeperceiver.targets import compile_bundle
 
     opts: dict[str, str] = {}
     for item in option or []:
@@ -172,7 +172,7 @@ def calibrate(
     ] = "entry",
 ) -> None:
     """Choose per-exit thresholds for a goal on held-out data, measured on the compiled target."""
-    import calibration as cal
+    import edgeperceiver.calibration as cal
 
     if set_ is not None:
         typer.echo(cal.set_thresholds(bundle, set_, target=target, criterion=criterion).render())
@@ -246,8 +246,8 @@ def bench(
     """Measure per-segment, per-exit, monolithic and early-exit latency on a target."""
     from functools import partial
 
-    from calibration.report import TextProgress
     from edgeperceiver.bench import bench as run_bench
+    from edgeperceiver.progress import TextProgress
 
     sizes = _ints(batch_sizes, "--batch-sizes") or (1,)
     report = run_bench(
@@ -267,7 +267,7 @@ def demo(
     ] = 1,
 ) -> None:
     """Run the whole toolchain on a Dyn-Perceiver trained on scikit-learn's digits."""
-    from edgeperceiver.demo import run_demo
+    from edgeperceiver.apps.demo import run_demo
 
     run_demo(out, echo=typer.echo, threads=threads)
 

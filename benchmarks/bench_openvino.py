@@ -69,7 +69,7 @@ def synthetic_images(n: int, size: int = 224, *, seed: int = 0) -> np.ndarray:
 
 def compile_all(bundle: Path, calib: np.ndarray, threads: int, int8_options: Mapping[str, Any]) -> None:
     """Compile ``bundle`` for OpenVINO fp32, bf16 and int8 (skipping entries already there)."""
-    from targets import compile_bundle
+    from edgeperceiver.targets import compile_bundle
 
     have = Bundle.open(bundle).manifest.targets
     for p in (Precision.FP32, Precision.BF16, Precision.INT8):
@@ -292,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.no_fold_norms:  # the opt-in LayerNorm fold, timed in the same run
             folded = Path(tmp) / "bundle-fold-norms"
             shutil.copytree(bundle, folded)
-            from targets import compile_bundle
+            from edgeperceiver.targets import compile_bundle
 
             compile_bundle(folded, TargetName.OPENVINO, Precision.INT8, calib_data=calib,
                            options={"threads": args.threads, "latency_runs": 20, **args.int8_options,

@@ -1,6 +1,6 @@
 """Calibrate exit thresholds: held-out data, exit outputs, policies for a goal, reports.
 
->>> import calibration as cal                                              # doctest: +SKIP
+>>> import edgeperceiver.calibration as cal                                            # doctest: +SKIP
 >>> result = cal.calibrate("bundle/", "heldout/", target="openvino-int8",
 ...                        goal=cal.MaxDrop(0.5))                           # doctest: +SKIP
 >>> print(result.render())                                                 # doctest: +SKIP
@@ -11,12 +11,13 @@ runtime's engine are imported when needed.
 
 from __future__ import annotations
 
+from edgeperceiver.data import Dataset, load_dataset, split_fit_check, stratified_subset
+from edgeperceiver.progress import TextProgress
+
 from .calibrate import CalibrationResult, ManualThresholds, calibrate, choose, set_thresholds
 from .collect import ExitRecord, collect
-from .data import Dataset, load_dataset, split_fit_check, stratified_subset
 from .goals import Budget, ExitCosts, Goal, MaxDrop, PaperMix, Risk, exit_costs
 from .policies import OperatingPoint, evaluate
-from .report import TextProgress
 from .risk import Bound, RiskLoss
 
 __all__ = [

@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgeperceiver.bundle import Bundle, Thresholds, edit_bundle
+from edgeperceiver.data import Dataset, load_dataset, split_fit_check
 from edgeperceiver.errors import CalibrationError, InputError
+from edgeperceiver.progress import StageProgress
 from edgeperceiver.runtime.criteria import parse_thresholds
 from edgeperceiver.types import Criterion
 
 from .collect import ExitRecord, collect
-from .data import Dataset, load_dataset, split_fit_check
 from .goals import Budget, ExitCosts, Goal, MaxDrop, PaperMix, Risk, exit_costs, monotone
 from .paper import mix_thresholds
 from .policies import OperatingPoint, budget, evaluate, max_drop, single_exit
@@ -31,7 +32,6 @@ from .report import CurvePoint, build_curve, csv_bytes, pareto_png, render_table
 from .risk import RiskFit, RiskLoss, losses, risk_control
 
 #: ``progress(stage, done, total)``; stages: "read", "run"
-StageProgress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)

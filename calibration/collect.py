@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 
 from edgeperceiver.bundle import Bundle
+from edgeperceiver.data import Dataset
 from edgeperceiver.errors import CalibrationError
+from edgeperceiver.progress import Progress
 from edgeperceiver.types import Criterion
-
-from .data import Dataset, Progress
 
 CACHE_VERSION = "edgeperceiver.calibration.record/1"
 

@@ -149,14 +149,3 @@ def mix_thresholds(scores: np.ndarray, mix: Sequence[float]) -> tuple[float, ...
         gone |= scores[k] >= out[k]
     out[-1] = -math.inf
     return tuple(out)
-
-
-def mix_evaluate(
-    scores: np.ndarray, preds: np.ndarray, labels: np.ndarray, thresholds: Sequence[float], flops: Sequence[float]
-) -> tuple[float, float, tuple[float | None, ...]]:
-    """The official figures of thresholds on a set: (accuracy %, expected FLOPs, accuracy per exit)."""
-    from .policies import evaluate
-
-    point = evaluate(scores, preds, labels, thresholds, flops)
-    assert point.accuracy is not None
-    return 100.0 * point.accuracy, point.cost, point.exit_accuracy

@@ -31,6 +31,8 @@ import numpy as np
 
 from edgeperceiver.errors import CalibrationError, InputError
 
+from .paper import mix_thresholds, paper_mixes
+
 #: a threshold vector as the policies use it: float per exit, None = disabled, +inf = never fires
 ThresholdValues = tuple[float | None, ...]
 #: cumulative cost to reach each exit
@@ -243,8 +245,6 @@ def search(
 
 def starting_points(scores: np.ndarray, allowed: Sequence[int]) -> list[np.ndarray]:
     """Never exit early, exit at the first allowed exit, and the paper's mixes on these scores."""
-    from .paper import mix_thresholds, paper_mixes
-
     k_count = scores.shape[0]
     never = np.full(k_count, np.inf)
     at_once = np.full(k_count, np.inf)
@@ -365,3 +365,12 @@ def _inf_last(t: np.ndarray, allowed: Sequence[int]) -> np.ndarray:
 def single_exit(k: int, k_count: int) -> ThresholdValues:
     """Thresholds that send every sample to exit ``k`` (0-based)."""
     return tuple(0.0 if j == k else None for j in range(k_count))
+
+
+def mix_evaluate(
+    scores: np.ndarray, preds: np.ndarray, labels: np.ndarray, thresholds: Sequence[float], flops: Sequence[float]
+) -> tuple[float, float, tuple[float | None, ...]]:
+    """The official figures of thresholds on a set: (accuracy %, expected FLOPs, accuracy per exit)."""
+    point = evaluate(scores, preds, labels, thresholds, flops)
+    assert point.accuracy is not None
+    return 100.0 * point.accuracy, point.cost, point.exit_accuracy

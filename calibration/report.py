@@ -11,10 +11,8 @@ from __future__ import annotations
 import csv
 import io
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, TextIO
 
 import numpy as np
 
@@ -213,26 +211,3 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([line(headers), sep, *(line(r) for r in rows)])
-
-
-class TextProgress:
-    """A ``progress(stage, done, total)`` callback drawing one-line bars on a terminal stream."""
-
-    LABELS: ClassVar[dict[str, str]] = {"read": "reading held-out data", "run": "running every exit"}
-
-    def __init__(self, stream: TextIO | None = None, width: int = 30) -> None:
-        self.stream = sys.stderr if stream is None else stream
-        self.width = width
-        self._stage: str | None = None
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if stage != self._stage and self._stage is not None:
-            self.stream.write("\n")
-        self._stage = stage
-        filled = self.width if total <= 0 else int(self.width * min(done, total) / total)
-        label = self.LABELS.get(stage, stage)
-        self.stream.write(f"\r{label:<24} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total}")
-        if done >= total:
-            self.stream.write("\n")
-            self._stage = None
-        self.stream.flush()

@@ -22,12 +22,12 @@ from typing import TypeVar
 import numpy as np
 
 from .errors import InputError
+from .progress import Progress
 
 #: clocks a measurement can use: wall time, or the CPU time of the whole process (robust to
 #: other processes competing for the CPU; with one thread it is the work actually done)
 CLOCKS: Mapping[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
-Progress = Callable[[int, int], None]
 Recorder = Callable[[bool], None]
 K = TypeVar("K", bound=Hashable)
 

@@ -31,7 +31,7 @@ CompileFn = Callable[..., TargetEntry]
 
 
 def _compiler(target: TargetName) -> CompileFn:
-    module = importlib.import_module(f"targets.{target.value}")
+    module = importlib.import_module(f"edgeperceiver.targets.{target.value}")
     fn: CompileFn = module.compile_target
     return fn
 
@@ -69,7 +69,7 @@ def _calibration_inputs(
 ) -> np.ndarray:
     if isinstance(data, np.ndarray):
         return np.ascontiguousarray(data[:limit], dtype=np.float32)
-    from calibration.data import load_dataset
+    from edgeperceiver.data import load_dataset
 
     assert writer.manifest is not None
     return load_dataset(Path(data), writer.manifest.preprocess, limit=limit).x

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from bundles import make_toy_bundle, toy_inputs
 
-import calibration as cal
-from calibration.collect import ExitRecord, cache_dir
-from calibration.policies import exit_taken
+import edgeperceiver.calibration as cal
 from edgeperceiver.bundle import Bundle, edit_bundle
+from edgeperceiver.calibration.collect import ExitRecord, cache_dir
+from edgeperceiver.calibration.policies import exit_taken
 from edgeperceiver.errors import CalibrationError, InputError
 from edgeperceiver.runtime import load
 from edgeperceiver.types import Criterion
@@ -154,9 +154,9 @@ def test_int8_is_calibrated_on_its_own_outputs(toy: tuple[Path, Path, np.ndarray
     """compile INT8 with the held-out loader as calibration data, then calibrate on that precision."""
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
-    from calibration.collect import collect
+    from edgeperceiver.calibration.collect import collect
+    from edgeperceiver.targets import compile_bundle
     from edgeperceiver.types import Precision, TargetName
-    from targets import compile_bundle
 
     bundle, data, _ = toy
     entry = compile_bundle(bundle, TargetName.OPENVINO, Precision.INT8, calib_data=data, calib_samples=100)
@@ -188,7 +188,7 @@ def test_text_progress_draws_one_bar_per_stage() -> None:
 
 
 def test_costs_from_bench_flops_or_segments(toy: tuple[Path, Path, np.ndarray]) -> None:
-    from calibration.goals import ExitCosts, exit_costs, monotone
+    from edgeperceiver.calibration.goals import ExitCosts, exit_costs, monotone
 
     bundle, data, _ = toy
     res = cal.calibrate(bundle, data, goal=cal.MaxDrop(2.0), latency="bench", bench_repeats=3, write=False)

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibration.data import load_dataset, split_fit_check, stratified_subset
 from edgeperceiver.bundle import Preprocess
+from edgeperceiver.data import load_dataset, split_fit_check, stratified_subset
 from edgeperceiver.errors import CalibrationError
 
 PRE = Preprocess(size=(8, 8), mean=(0.5,), std=(0.25,), channels=1)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import calibration as cal
+import edgeperceiver.calibration as cal
 from edgeperceiver.bundle import Bundle
 from edgeperceiver.errors import CheckpointError
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cli import main
 from edgeperceiver.bundle import Bundle
+from edgeperceiver.cli import main
 
 FACTORY = '''
 import torch

@@ -66,7 +66,7 @@ print(json.dumps({{"heavy": [m for m in {(*HEAVY, "onnxruntime")!r} if m in sys.
 
 def _all_modules() -> list[str]:
     names = []
-    for pkg in ("edgeperceiver", "targets", "calibration"):
+    for pkg in ("edgeperceiver",):
         path = REPO / pkg
         if not (path / "__init__.py").is_file():
             continue

@@ -20,8 +20,8 @@ from edgeperceiver.bundle import Bundle, Thresholds
 from edgeperceiver.errors import InputError, TargetError
 from edgeperceiver.runtime.openvino import OpenVINOBackend, inference_precision_hint
 from edgeperceiver.runtime.runner import load
+from edgeperceiver.targets import compile_bundle
 from edgeperceiver.types import Criterion, Precision, TargetName
-from targets import compile_bundle
 
 SIZE, WIDTH = 16, 8
 FAST = {"latency_runs": 3, "report_samples": 16, "threads": 1}
@@ -205,7 +205,7 @@ def test_session_rejects_wrong_inputs(compiled: Path) -> None:
 def test_failed_compile_leaves_bundle_byte_identical(
     compiled: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import targets.openvino as tov
+    import edgeperceiver.targets.openvino as tov
 
     before = _tree_digest(compiled)
 
@@ -287,7 +287,7 @@ def _run_f32(model: Any, feed: np.ndarray) -> Any:
 def test_fuse_projections_merges_shared_input_matmuls_exactly() -> None:
     import openvino as ov
 
-    from targets.openvino import fuse_projections
+    from edgeperceiver.targets.openvino import fuse_projections
 
     ops = ov.opset13
     rng = np.random.default_rng(0)
@@ -316,7 +316,7 @@ def test_fuse_projections_merges_shared_input_matmuls_exactly() -> None:
 def test_fold_norm_affine_moves_layernorm_scale_and_shift_into_the_projections() -> None:
     import openvino as ov
 
-    from targets.openvino import fold_norm_affine
+    from edgeperceiver.targets.openvino import fold_norm_affine
 
     ops = ov.opset13
     rng = np.random.default_rng(1)
@@ -353,7 +353,7 @@ def test_compile_records_fused_projections(compiled: Path) -> None:
 def test_group_conv_weight_quantizers_become_per_channel_and_run_int8() -> None:
     import openvino as ov
 
-    from targets.openvino import per_channel_group_conv_weights
+    from edgeperceiver.targets.openvino import per_channel_group_conv_weights
 
     ops = ov.opset13
     rng = np.random.default_rng(1)

@@ -18,8 +18,8 @@ pytest.importorskip("sklearn")
 
 from edgeperceiver.errors import CheckpointError
 from edgeperceiver.runtime.runner import load
+from edgeperceiver.targets import compile_bundle
 from edgeperceiver.types import Precision, TargetName
-from targets import compile_bundle
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,8 @@ import math
 import numpy as np
 import pytest
 
-from calibration.paper import NUM_MIXES, geometric_mixes, mix_evaluate, mix_thresholds, paper_mixes
-from calibration.policies import evaluate
+from edgeperceiver.calibration.paper import NUM_MIXES, geometric_mixes, mix_thresholds, paper_mixes
+from edgeperceiver.calibration.policies import evaluate, mix_evaluate
 from edgeperceiver.runtime.criteria import scores as criterion_scores
 
 # ----------------------------------------------------------------------------- reference

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from calibration.paper import mix_thresholds, paper_mixes
-from calibration.policies import budget, evaluate, exit_taken, max_drop
+from edgeperceiver.calibration.paper import mix_thresholds, paper_mixes
+from edgeperceiver.calibration.policies import budget, evaluate, exit_taken, max_drop
 from edgeperceiver.errors import CalibrationError, InputError
 
 

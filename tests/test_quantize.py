@@ -145,8 +145,8 @@ def test_quantize_qdq_rejects_bad_inputs(toy: Path) -> None:
 
 @pytest.mark.parametrize("bad", ["0", "-2", True])
 def test_target_options_reject_bad_thread_counts(bad: object) -> None:
-    from targets.onnxruntime import OrtOptions
-    from targets.openvino import OpenVINOOptions
+    from edgeperceiver.targets.onnxruntime import OrtOptions
+    from edgeperceiver.targets.openvino import OpenVINOOptions
 
     for cls in (OrtOptions, OpenVINOOptions):
         with pytest.raises(InputError, match="threads must be a positive integer"):

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from calibration.risk import Bound, RiskLoss, losses, p_values, risk_control, tau_grid, threshold_of
+from edgeperceiver.calibration.risk import Bound, RiskLoss, losses, p_values, risk_control, tau_grid, threshold_of
 from edgeperceiver.errors import CalibrationError, InputError
 from edgeperceiver.runtime.criteria import scores as criterion_scores
 from edgeperceiver.types import Criterion

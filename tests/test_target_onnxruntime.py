@@ -17,8 +17,8 @@ from edgeperceiver.bundle import Bundle
 from edgeperceiver.errors import InputError
 from edgeperceiver.quantize import quantized_op_count
 from edgeperceiver.runtime.runner import load
+from edgeperceiver.targets import compile_bundle
 from edgeperceiver.types import Precision, TargetName
-from targets import compile_bundle
 
 SIZE, WIDTH = 16, 8
 FAST = {"latency_runs": 3, "report_samples": 16, "threads": 1}

@@ -42,8 +42,7 @@ from edgeperceiver.runtime.tensorrt import (
     parse_compute_capability,
     parse_tegra_release,
 )
-from edgeperceiver.types import Precision, TargetName
-from targets.tensorrt import (
+from edgeperceiver.targets.tensorrt import (
     BuildOptions,
     cache_file_name,
     onnx_nodes_of_layer,
@@ -52,6 +51,7 @@ from targets.tensorrt import (
     segment_sources,
     user_cache_dir,
 )
+from edgeperceiver.types import Precision, TargetName
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def _real_tensorrt() -> bool:
 
 def test_modules_import_without_tensorrt_or_pycuda() -> None:
     code = (
-        "import sys; import targets.tensorrt, edgeperceiver.runtime.tensorrt; "
+        "import sys; import edgeperceiver.targets.tensorrt, edgeperceiver.runtime.tensorrt; "
         "bad = [m for m in ('tensorrt', 'pycuda', 'onnx', 'torch', 'openvino') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
@@ -95,7 +95,7 @@ def test_registry_backend_without_tensorrt_names_the_extra() -> None:
 
 @pytest.mark.skipif(_real_tensorrt(), reason="TensorRT is installed here")
 def test_compile_without_tensorrt_names_the_extra(tmp_path: Path) -> None:
-    from targets.tensorrt import compile_target
+    from edgeperceiver.targets.tensorrt import compile_target
 
     writer = BundleWriter(tmp_path, _manifest())
     with pytest.raises(MissingDependencyError, match=r"edgeperceiver\[tensorrt\]"):
@@ -457,7 +457,7 @@ def test_qdq_asymmetric_uint8_is_refused(tmp_path: Path) -> None:
 def test_compile_int8_refuses_asymmetric_qdq_before_touching_tensorrt(tmp_path: Path) -> None:
     import onnx
 
-    from targets.tensorrt import compile_target
+    from edgeperceiver.targets.tensorrt import compile_target
 
     (tmp_path / "q").mkdir()
     model = _quantized(tmp_path / "q", symmetric=False)
@@ -473,7 +473,7 @@ def test_compile_int8_refuses_asymmetric_qdq_before_touching_tensorrt(tmp_path: 
 
 
 def test_build_report_summarises_the_build_and_its_log() -> None:
-    from targets.tensorrt import build_report
+    from edgeperceiver.targets.tensorrt import build_report
 
     log = BuildLog()
     log.mark("segment 1: segments/seg1.onnx")

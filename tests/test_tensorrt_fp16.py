@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from edgeperceiver.errors import TargetError
-from targets.tensorrt import DEFAULT_FP32_OPS, cast_to_fp16, fp32_island_nodes
+from edgeperceiver.targets.tensorrt import DEFAULT_FP32_OPS, cast_to_fp16, fp32_island_nodes
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

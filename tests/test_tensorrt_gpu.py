@@ -59,7 +59,7 @@ def toy(tmp_path: Path) -> Path:
 
 
 def _compile(bundle: Path, precision: Precision, tmp_path: Path, **options: Any) -> TargetEntry:
-    from targets import compile_bundle
+    from edgeperceiver.targets import compile_bundle
 
     calib = toy_inputs(16) if precision is Precision.INT8 else None
     opts = {"max_batch": 8, "opt_batch": 4, "timing_cache": str(tmp_path / "cache"), **options}

@@ -20,17 +20,15 @@ A :class:`Dataset` is also an iterable of input batches (``batches``) and of inp
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from edgeperceiver.bundle import Preprocess
-from edgeperceiver.errors import CalibrationError, InputError
-
-#: ``progress(done, total)``, called as samples are read or processed
-Progress = Callable[[int, int], None]
+from .bundle import Preprocess
+from .errors import CalibrationError, InputError
+from .progress import Progress
 
 #: file suffixes read as images in a held-out directory
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})

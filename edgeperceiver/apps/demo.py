@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CalibrationError
-from .timing import interleaved
-from .types import Precision, TargetName
+from edgeperceiver.errors import CalibrationError
+from edgeperceiver.timing import interleaved
+from edgeperceiver.types import Precision, TargetName
 
 Echo = Callable[[str], None]
 
@@ -103,14 +103,13 @@ def run_demo(
     threads: int = DEMO_THREADS,
 ) -> DemoReport:
     """Run the demo in ``out`` (created; its bundle is replaced) and return its report."""
-    import calibration as cal
-    from calibration.data import split_fit_check
-    from targets import compile_bundle
-
-    from .bundle import Bundle
-    from .datasets.digits import load_digits_split, write_imagefolder
-    from .export import export_checkpoint
-    from .models import DEMO_MODEL, demo_checkpoint, model_info
+    import edgeperceiver.calibration as cal
+    from edgeperceiver.bundle import Bundle
+    from edgeperceiver.data import split_fit_check
+    from edgeperceiver.datasets.digits import load_digits_split, write_imagefolder
+    from edgeperceiver.export import export_checkpoint
+    from edgeperceiver.models import DEMO_MODEL, demo_checkpoint, model_info
+    from edgeperceiver.targets import compile_bundle
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -172,7 +171,7 @@ def run_demo(
 
 
 def _all_exits(bundle: Path, key: str, x: np.ndarray) -> list[np.ndarray]:
-    from .runtime import load
+    from edgeperceiver.runtime import load
 
     return load(bundle, key).all_exits(x)
 
@@ -193,7 +192,7 @@ def _measure(
     the machine's drift reaches all rows alike (the 2-core machine is shared and noisy). Median
     of the passes.
     """
-    from .runtime import load
+    from edgeperceiver.runtime import load
 
     jobs = {}
     for key, th in thresholds.items():
