@@ -93,22 +93,44 @@ def _confidence(logits: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- tests
 
 
-def test_mix_table_is_the_official_float32_arithmetic() -> None:
+#: validation-set sizes the protocol runs on: ImageNet val, CIFAR test, the demo's held-out digits
+SIZES_THAT_OCCUR = (50_000, 10_000, 539)
+
+
+def _official_mixes_here() -> np.ndarray:
+    """The 33 mixes as the official code computes them, in PyTorch float32 on this CPU."""
     torch = pytest.importorskip("torch")
     p_list = torch.zeros(34)
     for i in range(17):
         p_list[i] = (i + 4) / 20
         p_list[33 - i] = 20 / (i + 4)
     k = [0.85, 1, 0.5, 1]
-    mixes = paper_mixes(4)
-    assert len(mixes) == NUM_MIXES == 33
+    rows = []
     for i in range(33):
         probs = torch.exp(torch.log(p_list[i]) * torch.arange(1, 5, dtype=torch.float32))
         probs /= probs.sum()
         for j in range(3):
             probs[j] *= k[j]
             probs[j + 1 : 4] = (1 - probs[0 : j + 1].sum()) * probs[j + 1 : 4] / probs[j + 1 : 4].sum()
-        assert tuple(float(v) for v in probs) == mixes[i], i
+        rows.append(probs.numpy().copy())
+    return np.stack(rows).astype(np.float32)
+
+
+def test_mix_table_is_the_official_float32_arithmetic() -> None:
+    # PyTorch's vectorised float32 exp/log differ between CPUs by an ulp (Zen 4 vs Xeon): the
+    # table is one fixed run of the official arithmetic, so compare what matters, not bits
+    here = _official_mixes_here()
+    mixes = paper_mixes(4)
+    assert len(mixes) == NUM_MIXES == 33
+    table = np.array(mixes, dtype=np.float32)
+    np.testing.assert_array_max_ulp(table, here, maxulp=2)
+    # the protocol only uses each p through the quota floor(float32(n) * float32(p)): for the
+    # set sizes that occur, the table's quotas are the official arithmetic's on this machine
+    for n in SIZES_THAT_OCCUR:
+        ours = np.floor(np.float32(n) * table[:, :3])
+        official = np.floor(np.float32(n) * here[:, :3])
+        bad = np.argwhere(ours != official)
+        assert bad.size == 0, f"n={n}: quotas differ at (mix, exit) {bad.tolist()}"
 
 
 def test_numpy_family_matches_the_table_to_a_few_ulps() -> None:
