@@ -8,7 +8,7 @@ Three sources, one pipeline (:func:`_export_graph`):
 
 PyTorch models go through the TorchScript exporter (``dynamo=False``; torch 2.13's dynamo
 exporter writes a Squeeze ONNX Runtime refuses) with a dynamic ``batch`` axis. The shape
-arithmetic it emits is folded for the static C, H, W (:func:`~edgeperceiver.onnx_utils.fold_static_shapes`),
+arithmetic it emits is folded for the static C, H, W (:func:`~edgeperceiver.passes.shapes.fold_static_shapes`),
 then the graph is cut (:mod:`edgeperceiver.cut`) and verified in ONNX Runtime: reference
 (PyTorch or the source ONNX) vs monolithic ONNX vs chained segments, per exit, on a seeded
 random batch. A disagreement beyond tolerance raises :class:`ExportError`; nothing is written.
@@ -36,22 +36,9 @@ from ._optional import require
 from .bundle import BATCH, Manifest, Preprocess, SegmentSpec, TargetEntry, TensorSpec, write_bundle
 from .cut import CutPlan, cut_model, run_chain
 from .errors import CheckpointError, EdgePerceiverError, ExportError, InputError
-from .onnx_utils import (
-    FoldStats,
-    eliminate_dead,
-    fold_static_shapes,
-    input_info,
-    load_model,
-    macs_tensors,
-    make_batch_dynamic,
-    node_macs,
-    np_dtype_name,
-    numel,
-    ort_session,
-    probe,
-    random_input,
-    restrict_outputs,
-)
+from .macs import macs_tensors, node_macs, numel
+from .onnx_utils import input_info, load_model, np_dtype_name, ort_session, probe, random_input
+from .passes.shapes import FoldStats, eliminate_dead, fold_static_shapes, make_batch_dynamic, restrict_outputs
 from .types import Precision, TargetName
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -16,7 +16,8 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from edgeperceiver.cut import CutPlan, cut_model, plan_cut, run_chain  # noqa: E402
 from edgeperceiver.errors import ExportError, InputError  # noqa: E402
-from edgeperceiver.onnx_utils import fold_static_shapes, ort_session, static_tensors  # noqa: E402
+from edgeperceiver.onnx_utils import ort_session, static_tensors  # noqa: E402
+from edgeperceiver.passes.shapes import fold_static_shapes  # noqa: E402
 
 D = 4
 

@@ -18,7 +18,8 @@ pytest.importorskip("onnxruntime")
 from edgeperceiver.bundle import Bundle  # noqa: E402
 from edgeperceiver.cut import run_chain  # noqa: E402
 from edgeperceiver.export import export_checkpoint  # noqa: E402
-from edgeperceiver.onnx_utils import macs_tensors, node_macs, probe, static_tensors  # noqa: E402
+from edgeperceiver.macs import macs_tensors, node_macs  # noqa: E402
+from edgeperceiver.onnx_utils import probe, static_tensors  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
