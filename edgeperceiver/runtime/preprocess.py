@@ -11,6 +11,7 @@ Standard library + numpy only at import time (this module ships inside standalon
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -84,6 +85,28 @@ def load_image(path: str | os.PathLike[str], pre: Preprocess) -> np.ndarray:
         raise InputError(f"{path}: no such image file") from exc
     except (OSError, ValueError, SyntaxError, image_mod.DecompressionBombError) as exc:
         raise InputError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
+    return _transform(image_mod, img, pre, str(path))
+
+
+def decode_image(data: bytes, pre: Preprocess, name: str = "image") -> np.ndarray:
+    """Decode and preprocess one encoded image (PNG, JPEG, ... bytes) into (C, H, W) float32.
+
+    The same pipeline as :func:`load_image`; errors are :class:`InputError` naming ``name``.
+    """
+    image_mod = _pil()
+    if pre.channels not in (1, 3):
+        raise InputError(f"preprocess.channels must be 1 or 3, the bundle says {pre.channels}")
+    try:
+        with image_mod.open(io.BytesIO(data)) as img:
+            img.load()
+            img = img.convert("L" if pre.channels == 1 else "RGB")
+    except (OSError, ValueError, SyntaxError, image_mod.DecompressionBombError) as exc:
+        raise InputError(f"{name}: cannot read image ({type(exc).__name__}: {exc})") from exc
+    return _transform(image_mod, img, pre, name)
+
+
+def _transform(image_mod: Any, img: Any, pre: Preprocess, path: str) -> np.ndarray:
+    """Resize, centre crop, scale and normalise a decoded PIL image (``path`` names it in errors)."""
     resample = _resample(image_mod, pre.interpolation)
     width, height = img.size
     if width < 1 or height < 1:
