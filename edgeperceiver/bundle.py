@@ -9,22 +9,29 @@ Layout::
       <target>-<precision>/  compiled artifacts of one target (``TargetEntry``)
       edgeperceiver/, run.py the standalone runtime (stdlib + numpy + one backend)
 
-Writes are atomic: a new bundle is staged in a sibling temporary directory and renamed
-into place; an edit (compile, calibrate) stages a hard-linked copy, so the original is
-untouched until the new manifest is complete. Loading verifies the schema, that every
-path stays inside the bundle, and every file's sha256.
+Writes cannot lose data. Writers of one bundle take turns under an exclusive lock; each
+stages the new bundle in a sibling directory (an edit such as compile or calibrate starts
+from a hard-linked copy of the current version) and publishes it with one atomic rename of
+a symlink (:mod:`edgeperceiver.versioned`): the bundle's path is always the old or the new
+version, never absent or mixed, and a killed writer's leftovers are removed by the next
+one. Overwriting replaces only a bundle; a read-only bundle is refused. Files follow the
+user's umask. Loading verifies the schema, the ranges of its numbers, that every path
+stays inside the bundle, every file's sha256, and that no unlisted file is present.
 
 Standard library only: this module ships inside standalone bundles.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
-import tempfile
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -32,7 +39,9 @@ from enum import Enum
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from . import versioned
 from .errors import BundleError
+from .fsutil import atomic_write
 from .types import Criterion, Precision, TargetName
 
 SCHEMA = "edgeperceiver.bundle/1"
@@ -121,6 +130,8 @@ class TargetEntry:
     thresholds: Thresholds | None = None
     calibration: Mapping[str, Any] = field(default_factory=dict)
     latency_ms: tuple[float, ...] = ()  #: measured cumulative latency to each exit, batch 1
+    compiled: int = 0  #: manifest edit number of the compile that made it (0: made by export)
+    calibrated: int = 0  #: edit number of its last calibration (0: never)
 
     @property
     def key(self) -> str:
@@ -172,11 +183,24 @@ class Manifest:
         raise BundleError(f"target {name!r} is ambiguous, name one of: {have}")
 
     def with_target(self, entry: TargetEntry) -> Manifest:
-        """A copy with ``entry`` added or replaced."""
+        """A copy with ``entry`` added or replaced, stamped with the next edit number.
+
+        An entry with thresholds records a calibration (``calibrated``), one without a compile
+        (``compiled``): the runtime's default entry is the one calibrated last, else compiled last.
+        """
+        seq = 1 + max((max(e.compiled, e.calibrated) for e in self.targets.values()), default=0)
+        if entry.thresholds is not None:
+            entry = dataclasses.replace(entry, calibrated=seq)
+        else:
+            entry = dataclasses.replace(entry, compiled=seq, calibrated=0)
         return dataclasses.replace(self, targets={**self.targets, entry.key: entry})
 
     def to_json(self) -> str:
-        return json.dumps(_to_jsonable(self), indent=1, sort_keys=False)
+        """Strict JSON: infinities are written as the largest finite floats, NaN is refused."""
+        try:
+            return json.dumps(_to_jsonable(self), indent=1, sort_keys=False, allow_nan=False)
+        except ValueError as exc:
+            raise BundleError(f"manifest of {self.model_name!r} holds NaN, which JSON cannot hold ({exc})") from exc
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
@@ -195,43 +219,93 @@ def target_key(target: TargetName, precision: Precision) -> str:
 
 # --------------------------------------------------------------------------- loading
 
+#: the largest manifest read (a bundle's manifest is a few hundred KiB at most)
+MAX_MANIFEST_BYTES = 64 << 20
+#: ``.pyc`` files Python may leave beside a bundle's shipped runtime (not bundle content)
+_BYTECODE = re.compile(r"(?:.*/)?__pycache__/[^/]+\.pyc")
+
 
 @dataclass(frozen=True)
 class Bundle:
-    """An opened, verified bundle directory."""
+    """An opened, verified bundle directory.
+
+    ``root`` is the path as given; ``dir`` the directory read (the version ``root`` linked to
+    when it was opened, see :mod:`edgeperceiver.versioned`): every file comes from that one
+    version even if a writer replaces the bundle meanwhile.
+    """
 
     root: Path
     manifest: Manifest
+    dir: Path | None = None
+
+    @property
+    def location(self) -> Path:
+        """The directory this bundle's files are read from."""
+        return self.root if self.dir is None else self.dir
 
     def path(self, rel: str) -> Path:
         """Absolute path of a bundle file; refuses paths that leave the bundle."""
-        return _inside(self.root, rel)
+        return _inside(self.location, rel)
 
     @classmethod
     def open(cls, root: str | os.PathLike[str], *, verify: bool = True) -> Bundle:
-        """Open ``root``; with ``verify`` check every listed file's presence and sha256."""
+        """Open ``root``; with ``verify`` check every listed file's presence and sha256.
+
+        A bundle replaced by a writer while it is being read is read again (its new version).
+        """
         root = Path(root)
-        mpath = root / MANIFEST
+        with contextlib.suppress(OSError, BundleError):
+            versioned.try_recover(versioned.real_path(root))
+        for attempt in range(8):
+            try:
+                location = versioned.current(root)
+            except OSError as exc:
+                raise BundleError(f"{root}: cannot read the bundle ({exc.strerror})") from exc
+            try:
+                return cls._open_at(root, location, verify)
+            except (BundleError, OSError) as exc:
+                with contextlib.suppress(OSError, BundleError):
+                    if attempt < 7 and versioned.current(root) != location:
+                        continue  # replaced while reading: read the new version
+                if isinstance(exc, OSError):
+                    raise BundleError(f"{root}: cannot read the bundle ({exc})") from exc
+                raise
+        raise BundleError(f"{root}: replaced by writers too often while reading; try again")  # pragma: no cover
+
+    @classmethod
+    def _open_at(cls, root: Path, location: Path, verify: bool) -> Bundle:
+        mpath = location / MANIFEST
         if not mpath.is_file():
             raise BundleError(f"{root} is not a bundle: no {MANIFEST} (create one with 'edgeperceiver export')")
         try:
+            if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+                raise BundleError(f"{root / MANIFEST}: manifest is over {MAX_MANIFEST_BYTES >> 20} MiB; not a manifest")
             data = json.loads(mpath.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BundleError(f"{mpath}: unreadable manifest ({exc})") from exc
+            raise BundleError(f"{root / MANIFEST}: unreadable manifest ({exc})") from exc
+        except RecursionError:
+            raise BundleError(f"{root / MANIFEST}: manifest nests too deeply; not a valid manifest") from None
         if not isinstance(data, dict):
-            raise BundleError(f"{mpath}: manifest is not a JSON object")
-        manifest = Manifest.from_dict(data)
+            raise BundleError(f"{root / MANIFEST}: manifest is not a JSON object")
+        try:
+            manifest = Manifest.from_dict(data)
+        except BundleError as exc:
+            raise BundleError(f"{root / MANIFEST}: {exc}") from exc
         for rel in _referenced_paths(manifest):
-            _inside(root, rel)
+            _inside(location, rel)
             if rel not in manifest.files:
-                raise BundleError(f"{mpath}: {rel!r} is referenced but has no checksum in 'files'")
-        bundle = cls(root, manifest)
+                raise BundleError(f"{root / MANIFEST}: {rel!r} is referenced but has no checksum in 'files'")
+        bundle = cls(root, manifest, None if location == root else location)
         if verify:
             bundle.verify()
         return bundle
 
     def verify(self) -> None:
-        """Check that every file listed in the manifest exists with its sha256."""
+        """Check that every file listed in the manifest exists with its sha256, and no other file exists.
+
+        An unlisted file could be read without a checksum (e.g. an ONNX model's external
+        data), so its presence is an error; only Python's ``__pycache__`` is tolerated.
+        """
         for rel, digest in self.manifest.files.items():
             p = self.path(rel)
             if not p.is_file():
@@ -242,6 +316,19 @@ class Bundle:
                     f"bundle {self.root}: {rel} fails its checksum (tampered or corrupt): "
                     f"sha256 {got[:12]}... != manifest {digest[:12]}..."
                 )
+        for rel in _unlisted(self.location, self.manifest.files):
+            raise BundleError(
+                f"bundle {self.root}: {rel} is not listed in the manifest, so it has no checksum "
+                "(added after the bundle was written?); remove it or re-export the bundle"
+            )
+
+
+def _unlisted(location: Path, files: Mapping[str, str]) -> Iterator[str]:
+    for dirpath, _dirs, names in os.walk(location):
+        for name in names:
+            rel = Path(dirpath, name).relative_to(location).as_posix()
+            if rel != MANIFEST and rel not in files and not _BYTECODE.fullmatch(rel):
+                yield rel
 
 
 def _referenced_paths(m: Manifest) -> Iterator[str]:
@@ -272,7 +359,19 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def is_bundle_dir(path: Path) -> bool:
+    """True when ``path`` is a directory holding an edgeperceiver manifest (any schema version)."""
+    try:
+        data = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and str(data.get("schema", "")).startswith("edgeperceiver.bundle/")
+
+
 # --------------------------------------------------------------------------- writing
+
+#: seconds a writer waits for another writer of the same bundle (``$EDGEPERCEIVER_LOCK_TIMEOUT``)
+LOCK_TIMEOUT_S = 600.0
 
 
 class BundleWriter:
@@ -294,11 +393,7 @@ class BundleWriter:
 
     def replace_file(self, rel: str, data: bytes) -> Path:
         """Write ``data`` to ``rel`` as a new inode (safe when ``rel`` is a hard link)."""
-        p = self.path(rel)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, p)
-        return p
+        return atomic_write(self.path(rel), data)
 
     def _finish(self) -> None:
         if self.manifest is None:
@@ -312,68 +407,121 @@ class BundleWriter:
         for rel in _referenced_paths(manifest):
             if rel not in files:
                 raise BundleError(f"internal: manifest references {rel!r} but the bundle has no such file")
-        tmp = self.dir / (MANIFEST + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(manifest.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.dir / MANIFEST)
+        atomic_write(self.dir / MANIFEST, manifest.to_json().encode("utf-8"))
         self.manifest = manifest
 
 
 def write_bundle(dest: str | os.PathLike[str], *, overwrite: bool = False) -> AbstractContextManager[BundleWriter]:
-    """Stage a new bundle and rename it to ``dest`` only if the block succeeds."""
-    dest = Path(dest)
-    if dest.exists() and not overwrite:
-        raise BundleError(f"{dest} already exists (pass overwrite / --force to replace it)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    return _staged(dest, None)
+    """Stage a new bundle and publish it at ``dest`` only if the block succeeds.
+
+    ``overwrite`` replaces an existing bundle (or an empty directory), never anything else.
+    """
+    return _transaction(Path(dest), edit=False, overwrite=overwrite)
 
 
 def edit_bundle(root: str | os.PathLike[str]) -> AbstractContextManager[BundleWriter]:
-    """Edit a bundle atomically: the original stays untouched unless the block succeeds."""
-    bundle = Bundle.open(root)
-    return _staged(bundle.root, bundle)
+    """Edit a bundle atomically: the original stays untouched unless the block succeeds.
+
+    Writers of one bundle take turns (an exclusive lock), and the edit starts from the
+    manifest as it is once the lock is held, so no writer's change is lost.
+    """
+    return _transaction(Path(root), edit=True, overwrite=False)
+
+
+def _lock_timeout() -> float:
+    raw = os.environ.get("EDGEPERCEIVER_LOCK_TIMEOUT")
+    if raw is None:
+        return LOCK_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BundleError(f"$EDGEPERCEIVER_LOCK_TIMEOUT must be a number of seconds, got {raw!r}") from None
+    return max(0.0, value)
+
+
+def _writable(path: Path) -> bool:
+    """Writable by us, and by someone at all (root ignores permission bits; a bundle made read-only stays so)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return os.access(path, os.W_OK) and bool(st.st_mode & 0o222)
+
+
+def _check_destination(dest: Path, *, edit: bool, overwrite: bool) -> None:
+    if not dest.name or len(os.fsencode(dest.name)) > 255:
+        raise BundleError(f"{dest}: not a usable bundle name (empty, or over 255 bytes)")
+    cwd = Path.cwd().resolve()
+    if dest.exists() and (cwd == dest.resolve() or cwd.is_relative_to(dest.resolve())):
+        raise BundleError(f"{dest}: refusing to replace the current directory or one above it")
+    if not dest.parent.is_dir():
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BundleError(f"cannot create {dest.parent} for the bundle: {exc.strerror}") from exc
+    if not _writable(dest.parent):
+        raise BundleError(f"cannot write the bundle {dest.name}: its directory {dest.parent} is not writable")
+    if not dest.exists():
+        if edit:
+            raise BundleError(f"{dest} is not a bundle: no such directory (create one with 'edgeperceiver export')")
+        return
+    if not edit and not overwrite:
+        raise BundleError(f"{dest} already exists (pass overwrite / --force to replace it)")
+    location = versioned.current(dest)
+    if not location.is_dir():
+        raise BundleError(f"{dest} exists and is not a directory; refusing to replace it")
+    if not edit and not is_bundle_dir(location):
+        if any(location.iterdir()):
+            raise BundleError(
+                f"{dest} exists and is not an edgeperceiver bundle (no valid {MANIFEST}); "
+                "--force only replaces a bundle: refusing to delete it"
+            )
+        return
+    manifest = location / MANIFEST
+    if not _writable(location) or (manifest.exists() and not _writable(manifest)):
+        raise BundleError(f"bundle {dest} is read-only; refusing to replace it (make it writable first)")
 
 
 @contextmanager
-def _staged(dest: Path, base: Bundle | None) -> Iterator[BundleWriter]:
-    """A sibling staging directory (hard-linked copy of ``base``), swapped in on success."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".staging", dir=dest.parent))
+def _transaction(dest: Path, *, edit: bool, overwrite: bool) -> Iterator[BundleWriter]:
+    """Lock, recover leftovers, stage (a hard-linked copy when editing), publish on success."""
+    raw = dest
     try:
-        if base is not None:
-            _link_files(base, staging)
-        writer = BundleWriter(staging, None if base is None else base.manifest)
-        yield writer
-        writer._finish()
-        _swap_into_place(staging, dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        dest = versioned.real_path(dest)
+        _check_destination(dest, edit=edit, overwrite=overwrite)
+        lock = versioned.lock(dest, timeout=_lock_timeout(), what=f"bundle {raw}")
+    except OSError as exc:
+        raise BundleError(f"cannot write the bundle {raw}: {exc.strerror or exc}") from exc
+    with lock:
+        try:
+            versioned.recover(dest)
+            _check_destination(dest, edit=edit, overwrite=overwrite)  # again, now that we hold the lock
+            base = Bundle.open(dest) if edit else None
+            staging = versioned.new_staging(dest)
+        except OSError as exc:
+            raise BundleError(f"cannot write the bundle {raw}: {exc.strerror or exc}") from exc
+        try:
+            if base is not None:
+                _link_files(base, staging)
+            writer = BundleWriter(staging, None if base is None else base.manifest)
+            yield writer
+            writer._finish()
+            versioned.publish(dest, staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        with contextlib.suppress(OSError):
+            versioned.recover(dest)  # old versions past their grace period
 
 
 def _link_files(bundle: Bundle, staging: Path) -> None:
     for rel in bundle.manifest.files:
-        src, dst = bundle.root / rel, staging / rel
+        src, dst = bundle.path(rel), staging / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(src, dst)
         except OSError:
             shutil.copy2(src, dst)
-
-
-def _swap_into_place(staging: Path, dest: Path) -> None:
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-        try:
-            os.replace(staging, dest)
-        except BaseException:
-            os.replace(old, dest)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, dest)
 
 
 # --------------------------------------------------------------------------- (de)serialisation
@@ -396,6 +544,9 @@ def _to_jsonable(obj: Any) -> Any:
         return {str(k): _to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_to_jsonable(v) for v in obj]
+    if isinstance(obj, float) and math.isinf(obj):
+        # no score reaches (or misses) the largest float: same behaviour as an infinite threshold
+        return math.copysign(sys.float_info.max, obj)
     return obj
 
 
@@ -449,6 +600,7 @@ def _manifest_from_dict(d: Mapping[str, Any]) -> Manifest:
             metadata=dict(t.get("metadata", {})), thresholds=_thresholds(t.get("thresholds")),
             calibration=dict(t.get("calibration", {})),
             latency_ms=tuple(float(x) for x in t.get("latency_ms", ())),
+            compiled=int(t.get("compiled", 0)), calibrated=int(t.get("calibrated", 0)),
         )
         if entry.key != key:
             raise ValueError(f"target key {key!r} does not match its entry {entry.key!r}")
@@ -456,7 +608,7 @@ def _manifest_from_dict(d: Mapping[str, Any]) -> Manifest:
             raise ValueError(f"target {key!r} has {len(entry.segments)} segments, bundle has {len(segments)}")
         targets[key] = entry
     classes = d.get("classes")
-    return Manifest(
+    manifest = Manifest(
         model_name=str(d["model_name"]), source=str(d["source"]), opset=int(d["opset"]),
         input=_tensor(d["input"]), num_classes=int(d["num_classes"]), preprocess=pre,
         segments=segments, model_path=str(d.get("model_path", "model.onnx")),
@@ -464,3 +616,43 @@ def _manifest_from_dict(d: Mapping[str, Any]) -> Manifest:
         targets=targets, files={str(k): str(v) for k, v in dict(d.get("files", {})).items()},
         extra=dict(d.get("extra", {})), schema=str(d["schema"]),
     )
+    _check_ranges(manifest)
+    return manifest
+
+
+#: bounds of the numbers a manifest may hold (beyond them a manifest is broken, not a model)
+MAX_SIDE = 16384  #: pixels per side of the model input and of the resize
+MAX_CLASSES = 1_000_000
+MAX_DIM = 1 << 24  #: any fixed tensor dimension
+
+
+def _in_range(what: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise ValueError(f"{what} = {value} is out of range [{low}, {high}]")
+
+
+def _check_ranges(m: Manifest) -> None:
+    """Refuse numbers no real model has, before anything allocates or divides by them."""
+    _in_range("num_classes", m.num_classes, 1, MAX_CLASSES)
+    pre = m.preprocess
+    _in_range("preprocess.size[0] (height)", pre.size[0], 1, MAX_SIDE)
+    _in_range("preprocess.size[1] (width)", pre.size[1], 1, MAX_SIDE)
+    if pre.resize is not None:
+        _in_range("preprocess.resize", pre.resize, 1, MAX_SIDE)
+    if pre.channels not in (1, 3):
+        raise ValueError(f"preprocess.channels = {pre.channels} must be 1 or 3")
+    for what, values in (("mean", pre.mean), ("std", pre.std)):
+        if len(values) not in (1, pre.channels) or not all(math.isfinite(v) for v in values):
+            raise ValueError(f"preprocess.{what} = {list(values)} needs 1 or {pre.channels} finite values")
+    if any(v == 0 for v in pre.std):
+        raise ValueError(f"preprocess.std = {list(pre.std)} holds a zero")
+    if m.classes is not None and len(m.classes) > MAX_CLASSES:
+        raise ValueError(f"classes lists {len(m.classes)} names, more than {MAX_CLASSES}")
+    if not m.segments:
+        raise ValueError("segments is empty")
+    tensors = [m.input, *(t for s in m.segments for t in (*s.inputs, *s.outputs))]
+    for t in tensors:
+        _itemsize(t.dtype)
+        for dim in t.shape:
+            if isinstance(dim, int):
+                _in_range(f"a dimension of tensor {t.name!r}", dim, 0, MAX_DIM)
