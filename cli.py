@@ -7,15 +7,19 @@ needs them.
 
 from __future__ import annotations
 
-import json
 import sys
+from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from edgeperceiver.errors import EdgePerceiverError, InputError
 from edgeperceiver.types import Criterion, Precision, TargetName
+
+if TYPE_CHECKING:
+    from edgeperceiver.bundle import Bundle
+    from edgeperceiver.runtime.entries import EntryChoice
 
 app = typer.Typer(
     name="edgeperceiver",
@@ -26,12 +30,45 @@ app = typer.Typer(
 )
 
 BundleArg = Annotated[Path, typer.Argument(help="Bundle directory (made by 'edgeperceiver export').")]
-TargetOpt = Annotated[
+EntryOpt = Annotated[
     str | None,
     typer.Option(
-        "--target", "-t", help="Target entry, e.g. 'openvino' or 'openvino-int8' (default: onnxruntime-fp32)."
+        "--entry", "-e",
+        help="Compiled entry '<target>-<precision>', e.g. openvino-int8 (default: the entry calibrated last, "
+        "else compiled last).",
     ),
-]
+]  # fmt: skip
+TargetOpt = EntryOpt  # the name older commands use
+#: the old spelling of --entry, still accepted
+OldTargetOpt = Annotated[str | None, typer.Option("--target", "-t", hidden=True)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document (for scripts); no progress bars.")]
+
+
+class LatencySource(str, Enum):
+    """Where calibrate takes the exit costs from."""
+
+    ENTRY = "entry"  #: measured at compile time, else FLOPs
+    BENCH = "bench"  #: measured now
+
+
+def _entry_name(entry: str | None, old: str | None) -> str | None:
+    if entry is not None and old is not None and entry != old:
+        raise InputError(f"--entry {entry} and --target {old} name different entries; give one")
+    return entry if entry is not None else old
+
+
+def _choose_entry(bundle: Path, name: str | None, *, quiet: bool, doing: str = "running") -> tuple[Bundle, EntryChoice]:
+    """Open ``bundle`` and choose the entry to use; say which on stderr (unless ``quiet``)."""
+    from edgeperceiver.bundle import Bundle
+    from edgeperceiver.runtime.entries import choose_entry
+
+    b = Bundle.open(bundle)
+    choice = choose_entry(b.manifest, name)
+    if not quiet:
+        typer.echo(f"{doing} {choice.describe()}", err=True)
+        if choice.warning is not None:
+            typer.secho(f"warning: {choice.warning}", err=True, fg=typer.colors.YELLOW)
+    return b, choice
 
 
 def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
@@ -52,24 +89,35 @@ def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
         raise InputError(f"{what}: expected comma-separated integers, got {text!r}") from None
 
 
-def _echo_json(obj: object) -> None:
-    typer.echo(json.dumps(obj, indent=1))
+def _echo_json(obj: Any) -> None:
+    """Print ``obj`` as one strict JSON document (non-finite floats become null)."""
+    from edgeperceiver.runtime.cli_support import dumps_json
+
+    typer.echo(dumps_json(obj))
 
 
 @app.command()
 def models(
     name: Annotated[str | None, typer.Argument(help="Show one model's summary (params, FLOPs per exit).")] = None,
     input_size: Annotated[int | None, typer.Option(help="Input size for the FLOPs count.")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """List the model zoo, or summarise one model."""
     from edgeperceiver.models import list_models
-    from edgeperceiver.summary import summarize
+    from edgeperceiver.summary import model_summary, summarize
 
     if name is None:
-        for n in list_models():
-            typer.echo(n)
+        names = list(list_models())
+        if as_json:
+            _echo_json({"models": names})
+        else:
+            for n in names:
+                typer.echo(n)
         return
-    typer.echo(summarize(name, input_size=input_size))
+    if as_json:
+        _echo_json(model_summary(name, input_size=input_size))
+    else:
+        typer.echo(summarize(name, input_size=input_size))
 
 
 @app.command()
@@ -84,37 +132,47 @@ def export(
     ] = None,
     input_shape: Annotated[str | None, typer.Option(help="C,H,W for --module.")] = None,
     onnx_exits: Annotated[str | None, typer.Option(help="ONNX output names of the exits, in order.")] = None,
-    exits: Annotated[str | None, typer.Option(help="Keep a subset of exits, 1-based, e.g. 1,2,4.")] = None,
+    exits: Annotated[
+        str | None, typer.Option(help="Exits samples may leave at, 1-based, e.g. 1,2,4 (export drops the others).")
+    ] = None,
     labels: Annotated[Path | None, typer.Option(help="Class names, one per line.")] = None,
     simplify: Annotated[bool, typer.Option(help="Simplify the ONNX graph (verified like the rest).")] = False,
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17 for LayerNormalization).")] = 17,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Export a multi-exit model to a bundle: ONNX, cut into one segment per exit, verified."""
     from edgeperceiver import export as ex
+    from edgeperceiver.apps.progress_bar import status
 
     keep = _ints(exits, "--exits")
-    if module is not None:
-        shape = _ints(input_shape, "--input-shape")
-        if shape is None or len(shape) != 3:
-            raise InputError("--module needs --input-shape C,H,W")
-        report = ex.export_module(
-            ex.load_module_factory(module)(), (shape[0], shape[1], shape[2]), out,
-            exits=keep, labels=labels, simplify=simplify, opset=opset, overwrite=force,
-        )  # fmt: skip
-    elif source is None:
-        raise InputError("give a checkpoint or ONNX file to export, or --module package.module:factory")
-    elif source.suffix.lower() == ".onnx":
-        if not onnx_exits:
-            raise InputError("exporting an ONNX model needs --onnx-exits name1,name2,... (the exit outputs, in order)")
-        report = ex.export_onnx(
-            source, out, exits=onnx_exits.split(","),
-            keep=keep, labels=labels, simplify=simplify, opset=opset, overwrite=force,
-        )  # fmt: skip
-    else:
-        report = ex.export_checkpoint(
-            source, out, arch=arch, exits=keep, labels=labels, simplify=simplify, opset=opset, overwrite=force
-        )
+    with status(f"exporting and verifying {out}", enabled=not as_json):
+        if module is not None:
+            shape = _ints(input_shape, "--input-shape")
+            if shape is None or len(shape) != 3:
+                raise InputError("--module needs --input-shape C,H,W")
+            report = ex.export_module(
+                ex.load_module_factory(module)(), (shape[0], shape[1], shape[2]), out,
+                exits=keep, labels=labels, simplify=simplify, opset=opset, overwrite=force,
+            )  # fmt: skip
+        elif source is None:
+            raise InputError("give a checkpoint or ONNX file to export, or --module package.module:factory")
+        elif source.suffix.lower() == ".onnx":
+            if not onnx_exits:
+                raise InputError(
+                    "exporting an ONNX model needs --onnx-exits name1,name2,... (the exit outputs, in order)"
+                )
+            report = ex.export_onnx(
+                source, out, exits=onnx_exits.split(","),
+                keep=keep, labels=labels, simplify=simplify, opset=opset, overwrite=force,
+            )  # fmt: skip
+        else:
+            report = ex.export_checkpoint(
+                source, out, arch=arch, exits=keep, labels=labels, simplify=simplify, opset=opset, overwrite=force
+            )
+    if as_json:
+        _echo_json({"bundle": str(out), "report": report})
+        return
     typer.echo(report.render())
     typer.echo(f"bundle written to {out}")
 
@@ -133,8 +191,10 @@ def compile_(
     option: Annotated[
         list[str] | None, typer.Option("--option", "-O", help="Backend option KEY=VALUE (repeatable).")
     ] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Quantize (INT8) and compile every segment for a target; atomic."""
+    from edgeperceiver.apps.progress_bar import status
     from edgeperceiver.targets import compile_bundle
 
     opts: dict[str, str] = {}
@@ -143,7 +203,14 @@ def compile_(
         if not sep:
             raise InputError(f"--option expects KEY=VALUE, got {item!r}")
         opts[key] = value
-    entry = compile_bundle(bundle, target, precision, calib_data=calib_data, calib_samples=calib_samples, options=opts)
+    with status(f"compiling {target.value}-{precision.value}", enabled=not as_json):
+        entry = compile_bundle(
+            bundle, target, precision, calib_data=calib_data, calib_samples=calib_samples, options=opts
+        )
+    if as_json:
+        _echo_json({"bundle": str(bundle), "entry": entry.key, "segments": entry.segments,
+                    "latency_ms": entry.latency_ms, "metadata": entry.metadata})  # fmt: skip
+        return
     report = entry.metadata.get("report")
     if report:
         typer.echo(report)
@@ -154,7 +221,10 @@ def compile_(
 def calibrate(
     bundle: BundleArg,
     data: Annotated[Path | None, typer.Option(help="Held-out data: ImageFolder dir or .npz (x, y).")] = None,
-    target: TargetOpt = None,
+    entry: Annotated[
+        str | None,
+        typer.Option("--entry", "-e", help="Compiled entry to calibrate, e.g. openvino-int8 (default: compiled last)."),
+    ] = None,
     max_drop: Annotated[float | None, typer.Option(help="Accuracy drop vs last exit, in points.")] = None,
     budget_ms: Annotated[float | None, typer.Option(help="Mean latency budget, ms per sample.")] = None,
     budget_gflops: Annotated[float | None, typer.Option(help="Mean cost budget, GFLOPs per sample.")] = None,
@@ -165,17 +235,36 @@ def calibrate(
         str | None, typer.Option("--set", help="Set thresholds by hand, e.g. 0.9,off,1.1,0 ('off' disables an exit).")
     ] = None,
     criterion: Annotated[Criterion, typer.Option(help="Exit confidence score.")] = Criterion.MAX_SOFTMAX,
-    exits: Annotated[str | None, typer.Option(help="Exits that may fire, 1-based (others off).")] = None,
+    exits: Annotated[
+        str | None, typer.Option(help="Exits samples may leave at, 1-based, e.g. 1,2,4 (the others are off).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the fit/check split.")] = 0,
     latency: Annotated[
-        str, typer.Option(help="Exit costs: 'entry' (measured at compile, else FLOPs) or 'bench' (measure now).")
-    ] = "entry",
+        LatencySource,
+        typer.Option(help="Exit costs: 'entry' (measured at compile, else FLOPs) or 'bench' (measure now)."),
+    ] = LatencySource.ENTRY,
+    as_json: JsonOpt = False,
+    old_target: OldTargetOpt = None,
 ) -> None:
     """Choose per-exit thresholds for a goal on held-out data, measured on the compiled target."""
     import edgeperceiver.calibration as cal
+    from edgeperceiver.apps.progress_bar import progress_bars
+    from edgeperceiver.bundle import Bundle
+    from edgeperceiver.runtime.entries import last_compiled
 
+    name = _entry_name(entry, old_target)
+    if name is None:
+        name = last_compiled(Bundle.open(bundle).manifest).key
+        if not as_json:
+            typer.echo(f"calibrating entry {name} (compiled last)", err=True)
     if set_ is not None:
-        typer.echo(cal.set_thresholds(bundle, set_, target=target, criterion=criterion).render())
+        manual = cal.set_thresholds(bundle, set_, target=name, criterion=criterion)
+        if as_json:
+            _echo_json({"entry": manual.target, "thresholds": manual.thresholds.values,
+                        "criterion": manual.thresholds.criterion, "never_fires": manual.never_fires,
+                        "last_exit": manual.last_exit})  # fmt: skip
+        else:
+            typer.echo(manual.render())
         return
     if data is None:
         raise InputError("calibrate needs --data HELD_OUT (or --set to set thresholds by hand)")
@@ -201,37 +290,49 @@ def calibrate(
         mix = _floats(paper_mix, "--paper-mix")
         assert mix is not None
         goal = cal.PaperMix(mix)
-    result = cal.calibrate(
-        bundle, data, target=target, goal=goal, criterion=criterion, exits=_ints(exits, "--exits"), seed=seed,
-        latency=latency, progress=cal.TextProgress(),
-    )  # fmt: skip
-    typer.echo(result.render())
+    with progress_bars(enabled=not as_json) as bars:
+        result = cal.calibrate(
+            bundle, data, target=name, goal=goal, criterion=criterion, exits=_ints(exits, "--exits"), seed=seed,
+            latency=latency.value, progress=bars,
+        )  # fmt: skip
+    if as_json:
+        _echo_json({"entry": name, "thresholds": result.thresholds.values, **result.summary()})
+    else:
+        typer.echo(result.render())
 
 
 @app.command()
 def run(
     bundle: BundleArg,
     inputs: Annotated[list[Path], typer.Argument(help="Images, image directories, .npy or .npz files.")],
-    target: TargetOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
+    entry: EntryOpt = None,
+    as_json: JsonOpt = False,
     batch_size: Annotated[int, typer.Option(help="Samples per batch.")] = 16,
     thresholds: Annotated[str | None, typer.Option(help="Override thresholds, e.g. 0.9,off,0.7,0.")] = None,
+    old_target: OldTargetOpt = None,
 ) -> None:
     """Classify images with early exit; prints file, label, class, exit and confidence."""
     from edgeperceiver.runtime import load
-    from edgeperceiver.runtime.cli_support import render_rows, run_inputs
+    from edgeperceiver.runtime.cli_support import render_rows, run_document, run_inputs
     from edgeperceiver.runtime.criteria import parse_thresholds
 
-    runner = load(bundle, target)
     th = None if thresholds is None else parse_thresholds(thresholds)
+    b, choice = _choose_entry(bundle, _entry_name(entry, old_target), quiet=as_json or th is not None)
+    runner = load(b, choice.key)
     rows = run_inputs(runner, inputs, batch_size=batch_size, thresholds=th)
-    typer.echo(render_rows(rows, as_json=as_json))
+    if as_json:
+        doc = run_document(rows, choice, runner.num_exits)
+        if th is not None:
+            doc.update(thresholds=list(th), goal="override", warning=None)
+        _echo_json(doc)
+    else:
+        typer.echo(render_rows(rows))
 
 
 @app.command()
 def bench(
     bundle: BundleArg,
-    target: TargetOpt = None,
+    entry: EntryOpt = None,
     batch_sizes: Annotated[str, typer.Option(help="Batch sizes to time.")] = "1,8",
     exit_mix: Annotated[
         str | None, typer.Option(help="Force exits in these proportions, e.g. 0.5,0.3,0.1,0.1.")
@@ -241,20 +342,24 @@ def bench(
     block: Annotated[
         int, typer.Option(min=1, help="Timed calls in a row per measurement (1: round-robin single calls, cold).")
     ] = 1,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    as_json: JsonOpt = False,
+    old_target: OldTargetOpt = None,
 ) -> None:
     """Measure per-segment, per-exit, monolithic and early-exit latency on a target."""
-    from functools import partial
-
+    from edgeperceiver.apps.progress_bar import progress_bars
     from edgeperceiver.bench import bench as run_bench
-    from edgeperceiver.progress import TextProgress
 
     sizes = _ints(batch_sizes, "--batch-sizes") or (1,)
-    report = run_bench(
-        bundle, target, batch_sizes=sizes, exit_mix=_floats(exit_mix, "--exit-mix"), data=data, repeats=repeats,
-        block=block, progress=partial(TextProgress(), "timing (interleaved)"),
-    )  # fmt: skip
-    typer.echo(report.to_json() if as_json else report.render())
+    b, choice = _choose_entry(bundle, _entry_name(entry, old_target), quiet=as_json, doing="timing")
+    with progress_bars(enabled=not as_json) as bars:
+        report = run_bench(
+            b, choice.key, batch_sizes=sizes, exit_mix=_floats(exit_mix, "--exit-mix"), data=data, repeats=repeats,
+            block=block, progress=None if bars is None else bars.stage("bench"),
+        )  # fmt: skip
+    if as_json:
+        _echo_json({**choice.to_dict(), "warning": choice.warning, **report.to_dict()})
+    else:
+        typer.echo(report.render())
 
 
 @app.command()
@@ -265,11 +370,51 @@ def demo(
     threads: Annotated[
         int, typer.Option("--threads", min=1, help="Engine threads for every latency (default: 1, fastest here).")
     ] = 1,
+    as_json: JsonOpt = False,
 ) -> None:
     """Run the whole toolchain on a Dyn-Perceiver trained on scikit-learn's digits."""
     from edgeperceiver.apps.demo import run_demo
 
-    run_demo(out, echo=typer.echo, threads=threads)
+    report = run_demo(out, echo=(lambda _line: None) if as_json else typer.echo, threads=threads)
+    if as_json:
+        _echo_json({"out": str(out), "bundle": str(out / "bundle"), **_fields(report)})
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    """A dataclass's fields as a dict (for JSON documents)."""
+    import dataclasses
+
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+@app.command()
+def serve(
+    bundle: BundleArg,
+    entry: Annotated[
+        str | None, typer.Option("--entry", "-e", help="Entry, e.g. openvino-int8 (default: the runtime's choice).")
+    ] = None,
+    replicas: Annotated[int, typer.Option(min=1, help="Replicas (each loads the runtime once).")] = 1,
+    max_batch: Annotated[int, typer.Option(min=1, help="Requests per batch formed by Ray Serve.")] = 16,
+    batch_wait_ms: Annotated[float, typer.Option(min=0, help="How long a batch waits to fill, ms.")] = 2.0,
+    host: Annotated[str, typer.Option(help="HTTP address (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    address: Annotated[
+        str | None, typer.Option(help="Join this Ray cluster ('auto': the one 'ray start' made here).")
+    ] = None,
+    thresholds: Annotated[str | None, typer.Option(help="Override thresholds, e.g. 0.9,off,0.7,0.")] = None,
+    threads: Annotated[int, typer.Option(min=1, help="Engine threads per replica.")] = 1,
+    replica_cpus: Annotated[float, typer.Option(min=0, help="Ray CPUs reserved per replica.")] = 1.0,
+) -> None:
+    """Serve a bundle over HTTP on Ray Serve: batched requests, per-sample early exit."""
+    from edgeperceiver.apps.serve import ServeConfig, serve_bundle
+    from edgeperceiver.runtime.criteria import parse_thresholds
+
+    config = ServeConfig.for_bundle(
+        bundle, entry=entry, thresholds=None if thresholds is None else parse_thresholds(thresholds),
+        replicas=replicas, max_batch=max_batch, batch_wait_ms=batch_wait_ms, threads=threads,
+        replica_cpus=replica_cpus,
+    )  # fmt: skip
+    serve_bundle(config, address=address, host=host, port=port, echo=typer.echo)
 
 
 def main(argv: list[str] | None = None) -> int:

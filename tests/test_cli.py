@@ -75,24 +75,36 @@ def test_export_run_calibrate_bench(bundle: Path, tmp_path: Path, capsys: pytest
     np.save(tmp_path / "x.npy", x)
     code, text, err = _cli(capsys, "run", bundle, tmp_path / "x.npy", "--json")
     assert code == 0, err
-    rows = [json.loads(line) for line in text.splitlines()]
+    doc = json.loads(text)
+    rows = doc["rows"]
     assert len(rows) == 6 and {r["exit"] for r in rows} == {2}  # no thresholds yet: last exit
+    assert doc["entry"] == "onnxruntime-fp32" and doc["thresholds"] is None and "no thresholds" in doc["warning"]
     assert all(r["class_name"] in b.manifest.classes for r in rows)
 
-    code, text, err = _cli(capsys, "calibrate", bundle, "--set", "0,off")  # everything leaves at exit 1
+    code, text, err = _cli(capsys, "run", bundle, tmp_path / "x.npy")  # the table says on stderr what ran
+    assert code == 0 and "running entry onnxruntime-fp32" in err and "warning: entry onnxruntime-fp32" in err
+
+    code, text, err = _cli(capsys, "calibrate", bundle, "--set", "0,off", "--json")  # everything leaves at exit 1
     assert code == 0, err
+    assert json.loads(text)["thresholds"] == [0.0, None]
     code, text, err = _cli(capsys, "run", bundle, tmp_path / "x.npy", "--json")
-    assert {json.loads(line)["exit"] for line in text.splitlines()} == {1}
+    doc = json.loads(text)
+    assert {r["exit"] for r in doc["rows"]} == {1} and doc["exit_counts"] == [6, 0]
+    assert doc["reason"] == "calibrated last" and doc["warning"] is None
 
     code, text, err = _cli(capsys, "bench", bundle, "--batch-sizes", "1", "--repeats", "3", "--json")
     assert code == 0, err
-    assert json.loads(text)
+    doc = json.loads(text)
+    assert doc["entry"] == doc["target"] == "onnxruntime-fp32" and doc["thresholds"] == [0.0, None]
 
 
 def test_compile_and_run_onnxruntime(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, text, err = _cli(capsys, "compile", bundle, "--target", "onnxruntime", "--precision", "fp32")
     assert code == 0, err
     assert "compiled onnxruntime-fp32" in text
+    code, text, err = _cli(capsys, "compile", bundle, "--target", "onnxruntime", "--json")
+    assert code == 0, err
+    assert json.loads(text)["entry"] == "onnxruntime-fp32"
 
 
 def test_errors_are_one_line_with_exit_codes(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -123,3 +135,46 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     for command in ("models", "export", "compile", "calibrate", "run", "bench", "demo"):
         assert command in text
+
+
+def test_json_documents(bundle: Path, tmp_path: Path, factory: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every command's --json prints one strict JSON document (parsed here) and nothing else on stdout."""
+    from edgeperceiver.models import DEMO_MODEL
+
+    code, text, err = _cli(capsys, "models", "--json")
+    assert code == 0, err
+    assert DEMO_MODEL in json.loads(text)["models"]
+    code, text, err = _cli(capsys, "models", DEMO_MODEL, "--json")
+    assert code == 0, err
+    doc = json.loads(text)
+    assert doc["model"] == DEMO_MODEL and doc["exits"][-1]["share"] == pytest.approx(1.0)
+
+    code, text, err = _cli(
+        capsys, "export", "--module", factory, "--input-shape", "3,16,16", "-o", tmp_path / "b2", "--json"
+    )
+    assert code == 0, err
+    doc = json.loads(text)
+    assert doc["bundle"] == str(tmp_path / "b2") and doc["report"]
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 3, 16, 16)).astype(np.float32)
+    from edgeperceiver.runtime import load
+
+    y = load(bundle, "onnxruntime-fp32").all_exits(x)[-1].argmax(1)  # labels the last exit agrees with
+    np.savez(tmp_path / "held.npz", x=x, y=y)
+    code, text, err = _cli(capsys, "calibrate", bundle, "--data", tmp_path / "held.npz", "--max-drop", "100",
+                           "--json")  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(text)
+    assert doc["entry"] == "onnxruntime-fp32" and len(doc["thresholds"]) == 2 and "goal" in doc
+
+
+def test_options_are_enums_and_entry_spellings(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _cli(capsys, "calibrate", bundle, "--data", tmp_path, "--latency", "sometimes")
+    assert code == 2 and "sometimes" in err  # a closed set: Typer refuses other values
+    np.save(tmp_path / "x.npy", np.zeros((2, 3, 16, 16), np.float32))
+    code, text, err = _cli(capsys, "run", bundle, tmp_path / "x.npy", "-t", "onnxruntime-fp32", "--json")
+    assert code == 0, err  # the old spelling of --entry still works
+    assert json.loads(text)["reason"] == "named"
+    code, _, err = _cli(capsys, "run", bundle, tmp_path / "x.npy", "--entry", "openvino-int8")
+    assert code == 6 and "no target 'openvino-int8'" in err

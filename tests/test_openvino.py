@@ -73,7 +73,7 @@ def test_entries_record_pinned_precision_and_report(compiled: Path) -> None:
 
 def test_fp32_matches_onnx_chain_and_int8_stays_close(compiled: Path) -> None:
     x = toy_inputs(7, size=SIZE, seed=11)
-    ref = load(compiled).all_exits(x)
+    ref = load(compiled, "onnxruntime-fp32").all_exits(x)
     fp32 = load(compiled, "openvino-fp32", threads=1).all_exits(x)
     bf16 = load(compiled, "openvino-bf16", threads=1).all_exits(x)
     int8 = load(compiled, "openvino-int8", threads=1).all_exits(x)
@@ -230,7 +230,7 @@ def test_qdq_method_runs_and_reports(tmp_path: Path) -> None:
     assert "exit 1" in entry.metadata["report"]
     assert entry.monolithic == "openvino-int8/model.xml" and len(entry.metadata["agreement"]["exits"]) == 3
     x = toy_inputs(6, size=SIZE, seed=6)
-    ref = load(root).all_exits(x)
+    ref = load(root, "onnxruntime-fp32").all_exits(x)
     got = load(root, "openvino-int8", threads=1).all_exits(x)
     for r, q in zip(ref, got, strict=True):
         assert float(np.abs(q - r).max()) < 0.25 * float(np.abs(r).max())

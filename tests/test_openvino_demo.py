@@ -46,7 +46,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, np
 
 def test_int8_keeps_every_exit_within_half_a_point(demo: tuple[Path, np.ndarray, np.ndarray, np.ndarray]) -> None:
     root, _, x, y = demo
-    ref = load(root, threads=2).all_exits(x)  # ONNX Runtime fp32, the raw segments
+    ref = load(root, "onnxruntime-fp32", threads=2).all_exits(x)  # the raw segments
     fp32 = load(root, "openvino-fp32", threads=2).all_exits(x)
     int8 = load(root, "openvino-int8", threads=2).all_exits(x)
     for k, (r, f, q) in enumerate(zip(ref, fp32, int8, strict=True), start=1):

@@ -386,8 +386,9 @@ def test_command_main_prints_rows_and_maps_errors(
     out = capsys.readouterr().out
     assert "3 sample(s); exit 1: 3" in out
     assert main([str(toy), str(tmp_path / "x.npy"), "--json", "--batch-size", "2"]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["exit"] for r in rows] == [3, 3, 3]
+    doc = json.loads(capsys.readouterr().out)  # one JSON document naming the entry that ran
+    assert doc["entry"] == "onnxruntime-fp32" and doc["exit_counts"] == [0, 0, 3]
+    assert [r["exit"] for r in doc["rows"]] == [3, 3, 3]
     assert main([str(toy), str(tmp_path / "missing.npy")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert main([str(tmp_path / "not-a-bundle"), str(tmp_path / "x.npy")]) == 6

@@ -79,7 +79,9 @@ def _check_output(proc: subprocess.CompletedProcess[str], bundle: Path, want: li
     assert status["rc"] == 0, proc.stderr
     assert status["heavy"] == []
     assert Path(status["pkg"]).resolve().is_relative_to(bundle.resolve())
-    rows = [json.loads(line) for line in lines[:-1]]
+    doc = json.loads("\n".join(lines[:-1]))  # one JSON document, then the status line
+    assert doc["entry"] == "onnxruntime-fp32" and doc["reason"] == "calibrated last"
+    rows = doc["rows"]
     assert [(r["label"], r["exit"]) for r in rows] == [(w["label"], w["exit"]) for w in want]
 
 

@@ -5,11 +5,17 @@ Standard library + numpy only (ships inside standalone bundles).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from enum import Enum
+from pathlib import PurePath
+from typing import Any
 
+from .entries import EntryChoice
 from .runner import Prediction, Runner, ThresholdsLike
 
 
@@ -68,3 +74,52 @@ def render_rows(rows: Sequence[ResultRow], *, as_json: bool = False) -> str:
         mix = ", ".join(f"exit {k}: {v}" for k, v in sorted(counts.items()))
         out.append(f"{len(rows)} sample(s); {mix}")
     return "\n".join(line.rstrip() for line in out)
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON types: dataclasses, enums, paths, numpy values; NaN and inf -> ``None``."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Enum):
+        return jsonable(obj.value)
+    if isinstance(obj, PurePath):
+        return str(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in obj]
+    tolist = getattr(obj, "tolist", None)  # numpy arrays and scalars
+    if callable(tolist):
+        return jsonable(tolist())
+    raise TypeError(f"cannot write {type(obj).__name__} as JSON")
+
+
+def dumps_json(obj: Any) -> str:
+    """One JSON document a script can rely on: strict JSON (no NaN/inf; those become null)."""
+    return json.dumps(jsonable(obj), indent=1, allow_nan=False)
+
+
+def exit_counts(rows: Sequence[ResultRow], num_exits: int) -> list[int]:
+    """How many rows left at each exit (index 0 = exit 1)."""
+    counts = [0] * num_exits
+    for r in rows:
+        counts[r.exit - 1] += 1
+    return counts
+
+
+def run_document(rows: Sequence[ResultRow], choice: EntryChoice, num_exits: int) -> dict[str, Any]:
+    """What ``run --json`` prints: the entry that ran, its thresholds, the exit counts and every row."""
+    counts = exit_counts(rows, num_exits)
+    n = len(rows)
+    return {
+        **choice.to_dict(),
+        "warning": choice.warning,
+        "samples": n,
+        "exit_counts": counts,
+        "exit_share": [c / n if n else None for c in counts],
+        "rows": [asdict(r) for r in rows],
+    }

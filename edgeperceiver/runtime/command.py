@@ -1,6 +1,7 @@
-"""``python bundle/run.py INPUTS... [--target T] [--json]``: the standalone runtime's command.
+"""``python bundle/run.py INPUTS... [--entry E] [--json]``: the standalone runtime's command.
 
-Standard library + numpy + one backend: no Typer, no edgeperceiver installation needed.
+With no ``--entry`` it runs the entry calibrated last (else compiled last) and says so on
+stderr. Standard library + numpy + one backend: no Typer, no edgeperceiver installation needed.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ..bundle import Bundle
 from ..errors import EdgePerceiverError
-from .cli_support import render_rows, run_inputs
+from .cli_support import dumps_json, render_rows, run_document, run_inputs
 from .criteria import parse_thresholds
+from .entries import choose_entry
 from .runner import DEFAULT_BATCH_SIZE, load
 
 
@@ -23,8 +26,10 @@ def _parser(with_bundle: bool) -> argparse.ArgumentParser:
     if with_bundle:
         p.add_argument("bundle", help="bundle directory")
     p.add_argument("inputs", nargs="+", help="image files, image directories, .npy or .npz files")
-    p.add_argument("--target", "-t", default=None, help="target entry, e.g. onnxruntime-fp32 (default)")
-    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    p.add_argument("--entry", "-e", default=None,
+                   help="compiled entry, e.g. openvino-int8 (default: the entry calibrated last, else compiled last)")
+    p.add_argument("--target", "-t", dest="entry", help=argparse.SUPPRESS)  # the old spelling
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="samples per batch")
     p.add_argument("--threads", type=int, default=None, help="backend threads (default: the backend's)")
     p.add_argument("--thresholds", default=None, help="override thresholds, e.g. 0.9,0.8,none,0")
@@ -35,12 +40,23 @@ def main(argv: Sequence[str] | None = None, *, bundle: str | None = None) -> int
     """Parse ``argv``, classify, print; return the exit code (errors -> their family's code)."""
     args = _parser(bundle is None).parse_args(None if argv is None else list(argv))
     try:
-        runner = load(bundle if bundle is not None else args.bundle, args.target, threads=args.threads,
-                      batch_size=args.batch_size)
+        b = Bundle.open(bundle if bundle is not None else args.bundle)
+        choice = choose_entry(b.manifest, args.entry)
+        if not args.json:
+            print(f"running {choice.describe()}", file=sys.stderr)
+            if choice.warning is not None and args.thresholds is None:
+                print(f"warning: {choice.warning}", file=sys.stderr)
+        runner = load(b, choice.key, threads=args.threads, batch_size=args.batch_size)
         th = None if args.thresholds is None else parse_thresholds(args.thresholds)
         rows = run_inputs(runner, args.inputs, thresholds=th)
     except EdgePerceiverError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    print(render_rows(rows, as_json=args.json))
+    if args.json:
+        doc = run_document(rows, choice, runner.num_exits)
+        if th is not None:
+            doc.update(thresholds=list(th), goal="override", warning=None)
+        print(dumps_json(doc))
+    else:
+        print(render_rows(rows))
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from ..types import Criterion, TargetName
 from .backend import Backend, Session
 from .backends import create_backend
 from .criteria import evaluate
+from .entries import NoThresholdsWarning, choose_entry
 from .preprocess import iter_input_batches
 
 ThresholdsLike = Thresholds | Sequence[float | None]
@@ -434,14 +436,19 @@ def load(
     verify: bool = True,
     **backend_options: Any,
 ) -> Runner:
-    """Open ``bundle`` on ``target`` (default: ONNX Runtime fp32, the raw segments).
+    """Open ``bundle`` on entry ``target`` (default: the entry calibrated last, else compiled last).
 
     Thresholds come from the target entry unless ``thresholds`` (a :class:`Thresholds`
     or one value per exit, ``None`` = exit disabled) overrides them; with none at all,
-    every sample takes the last exit. ``threads`` and ``backend_options`` go to the backend.
+    every sample takes the last exit (a :class:`NoThresholdsWarning` when no entry was
+    named). ``runner.entry.key`` names the entry. ``threads`` and ``backend_options`` go to
+    the backend.
     """
     b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify)
-    entry = b.manifest.target(target)
+    choice = choose_entry(b.manifest, target)
+    entry = choice.entry
+    if target is None and thresholds is None and choice.warning is not None:
+        warnings.warn(choice.warning, NoThresholdsWarning, stacklevel=2)
     th = resolve_thresholds(thresholds, criterion, entry.thresholds, len(b.manifest.segments))
     backend = create_backend(entry.target, threads=threads, **backend_options)
     return Runner(b, entry, backend, thresholds=th, criterion=criterion, batch_size=batch_size)

@@ -1,0 +1,75 @@
+"""Progress bars for the command line: rich bars on a terminal, silence everywhere else.
+
+The library reports progress through callbacks (:mod:`edgeperceiver.progress`); this
+module draws them. :func:`progress_bars` yields a ``progress(stage, done, total)``
+callback, or ``None`` when bars would get in the way: with ``--json`` (one document on
+stdout and nothing else) or when stdout or stderr is not a terminal (a pipe, a log file,
+CI). Bars go to stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TextIO
+
+#: readable names for the library's stage keys
+LABELS = {
+    "read": "reading held-out data",
+    "run": "running every exit",
+    "bench": "timing (interleaved)",
+}
+
+
+def interactive(stream: TextIO | None = None) -> bool:
+    """Whether bars should be drawn: stdout and stderr are both terminals."""
+    streams = (sys.stdout, sys.stderr) if stream is None else (stream,)
+    return all(getattr(s, "isatty", lambda: False)() for s in streams)
+
+
+class RichStages:
+    """A ``progress(stage, done, total)`` callback: one rich bar per stage, on stderr."""
+
+    def __init__(self, bars: Any) -> None:
+        self._bars = bars
+        self._tasks: dict[str, Any] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        task = self._tasks.get(stage)
+        if task is None:
+            task = self._tasks[stage] = self._bars.add_task(LABELS.get(stage, stage), total=max(total, 1))
+        self._bars.update(task, completed=min(done, total), total=max(total, 1))
+
+    def stage(self, name: str) -> Any:
+        """A ``progress(done, total)`` callback for one stage."""
+        return lambda done, total: self(name, done, total)
+
+
+@contextmanager
+def progress_bars(enabled: bool = True) -> Iterator[RichStages | None]:
+    """Yield a stage callback drawing bars while the block runs, or ``None`` when quiet."""
+    if not enabled or not interactive():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bars = Progress(
+        TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=Console(stderr=True),
+    )
+    with bars:
+        yield RichStages(bars)
+
+
+@contextmanager
+def status(message: str, enabled: bool = True) -> Iterator[None]:
+    """A spinner on stderr while a step with no countable progress runs (quiet like the bars)."""
+    if not enabled or not interactive():
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(message):
+        yield
