@@ -11,7 +11,7 @@ import pytest
 from edgeperceiver.bundle import Bundle
 from edgeperceiver.cli import main
 
-FACTORY = '''
+FACTORY = """
 import torch
 from torch import nn
 
@@ -34,7 +34,7 @@ class TwoExits(nn.Module):
 
 def make():
     return TwoExits()
-'''
+"""
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -169,7 +169,9 @@ def test_json_documents(bundle: Path, tmp_path: Path, factory: str, capsys: pyte
     assert doc["entry"] == "onnxruntime-fp32" and len(doc["thresholds"]) == 2 and "goal" in doc
 
 
-def test_options_are_enums_and_entry_spellings(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_options_are_enums_and_entry_spellings(
+    bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, _, err = _cli(capsys, "calibrate", bundle, "--data", tmp_path, "--latency", "sometimes")
     assert code == 2 and "sometimes" in err  # a closed set: Typer refuses other values
     np.save(tmp_path / "x.npy", np.zeros((2, 3, 16, 16), np.float32))

@@ -26,8 +26,12 @@ def _parser(with_bundle: bool) -> argparse.ArgumentParser:
     if with_bundle:
         p.add_argument("bundle", help="bundle directory")
     p.add_argument("inputs", nargs="+", help="image files, image directories, .npy or .npz files")
-    p.add_argument("--entry", "-e", default=None,
-                   help="compiled entry, e.g. openvino-int8 (default: the entry calibrated last, else compiled last)")
+    p.add_argument(
+        "--entry",
+        "-e",
+        default=None,
+        help="compiled entry, e.g. openvino-int8 (default: the entry calibrated last, else compiled last)",
+    )
     p.add_argument("--target", "-t", dest="entry", help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="samples per batch")
