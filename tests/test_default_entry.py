@@ -32,11 +32,11 @@ def _cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, s
     return code, out, err
 
 
-def _run_py(bundle: Path, *args: str) -> tuple[dict[str, object], str]:
+def _run_py(bundle: Path, *args: str) -> tuple[str, str]:
     proc = subprocess.run([sys.executable, str(bundle / "run.py"), *args], capture_output=True, text=True,
                           timeout=300, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout), proc.stderr
+    return proc.stdout, proc.stderr
 
 
 def test_calibrated_entry_runs_by_default(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -83,10 +83,11 @@ def test_calibrated_entry_runs_by_default(tmp_path: Path, capsys: pytest.Capture
 
     copy = tmp_path / "elsewhere"
     shutil.copytree(root, copy)
-    doc, err = _run_py(copy, str(tmp_path / "x.npy"), "--json")
-    assert doc["entry"] == "onnxruntime-int8" and doc["exit_counts"][0] > 0  # type: ignore[index]
-    _, err = _run_py(copy, str(tmp_path / "x.npy"))
-    assert "running entry onnxruntime-int8 (calibrated last" in err
+    out, err = _run_py(copy, str(tmp_path / "x.npy"), "--json")
+    doc = json.loads(out)
+    assert doc["entry"] == "onnxruntime-int8" and doc["exit_counts"][0] > 0
+    out, err = _run_py(copy, str(tmp_path / "x.npy"))
+    assert "running entry onnxruntime-int8 (calibrated last" in err and "exit 1: " in out
 
     # calibrating another entry makes it the default; recompiling one drops its thresholds
     code, _, err = _cli(capsys, "calibrate", root, "--entry", "onnxruntime-fp32", "--set", "0.5,0.5,0")
