@@ -197,6 +197,11 @@ def _public(values: Sequence[float | None]) -> tuple[float | None, ...]:
     return tuple(None if v is None or (math.isinf(v) and v > 0) else float(v) for v in values)
 
 
+#: fewest held-out samples :func:`choose` accepts, and fewest in each of its fit/check parts
+MIN_SAMPLES = 20
+MIN_PART = 10
+
+
 def choose(
     record: ExitRecord,
     goal: Goal,
@@ -221,7 +226,17 @@ def choose(
         )
     if len(costs.values) != k_count:
         raise CalibrationError(f"{len(costs.values)} exit costs for {k_count} exits")
+    if n < MIN_SAMPLES:
+        raise CalibrationError(
+            f"{n} held-out samples are too few to choose thresholds: at least {MIN_SAMPLES} are needed "
+            f"(half to fit, half to check; on fewer the check says nothing); give more held-out data"
+        )
     fit_idx, check_idx = split_fit_check(labels, n, fit_fraction, seed)
+    if min(len(fit_idx), len(check_idx)) < MIN_PART:
+        raise CalibrationError(
+            f"fit_fraction {fit_fraction:g} splits {n} samples into {len(fit_idx)} to fit and {len(check_idx)} "
+            f"to check; each part needs at least {MIN_PART}"
+        )
     fit, check = record.subset(fit_idx), record.subset(check_idx)
     fs, cs = fit.scores[crit], check.scores[crit]
     notes: list[str] = []

@@ -4,18 +4,21 @@ The compiled segments of the bundle's target entry (e.g. ``openvino-int8``) run 
 held-out sample to every exit (``Runner.all_exits``); the logits are reduced at once to
 what the policies need (the predicted class and the score under each criterion, computed
 by the runtime's own :func:`~edgeperceiver.runtime.criteria.scores`, so the thresholds
-mean on device what they meant here). The record is cached under
-``$EDGEPERCEIVER_CACHE`` (default ``~/.cache/edgeperceiver``) ``/calibration/``, keyed by
-the sha256 of the target's segment artifacts and of the data.
+mean on device what they meant here). The record is cached in
+``calibration/`` under the cache root (:func:`edgeperceiver.fsutil.cache_root`:
+``$EDGEPERCEIVER_CACHE``, else ``$XDG_CACHE_HOME/edgeperceiver``, else
+``~/.cache/edgeperceiver``), keyed by the sha256 of the target's segment artifacts and of
+the data; a truncated or corrupt cache file is ignored and rebuilt.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
-import os
-import tempfile
+import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,7 @@ import numpy as np
 from edgeperceiver.bundle import Bundle
 from edgeperceiver.data import Dataset
 from edgeperceiver.errors import CalibrationError
+from edgeperceiver.fsutil import atomic_write, cache_root
 from edgeperceiver.progress import Progress
 from edgeperceiver.types import Criterion
 
@@ -89,14 +93,9 @@ class ExitRecord:
             arrays["labels"] = self.labels
         meta = json.dumps({"version": CACHE_VERSION, "num_classes": self.num_classes, "target": self.target})
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, meta=np.array(meta), **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buf = io.BytesIO()
+        np.savez(buf, meta=np.array(meta), **arrays)
+        atomic_write(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: Path) -> ExitRecord | None:
@@ -109,15 +108,13 @@ class ExitRecord:
                 scores = {c: np.asarray(z[f"score_{c.value}"]) for c in Criterion}
                 labels = np.asarray(z["labels"]) if "labels" in z.files else None
                 return cls(np.asarray(z["preds"]), scores, labels, int(meta["num_classes"]), str(meta["target"]))
-        except (OSError, KeyError, ValueError, EOFError, json.JSONDecodeError):
-            return None
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error):
+            return None  # missing, truncated or corrupt: rebuilt and saved again
 
 
 def cache_dir() -> Path:
-    """``$EDGEPERCEIVER_CACHE`` or ``~/.cache/edgeperceiver``, plus ``calibration/``."""
-    root = os.environ.get("EDGEPERCEIVER_CACHE")
-    base = Path(root) if root else Path.home() / ".cache" / "edgeperceiver"
-    return base / "calibration"
+    """``calibration/`` under the one cache root (:func:`edgeperceiver.fsutil.cache_root`)."""
+    return cache_root() / "calibration"
 
 
 def cache_key(bundle: Bundle, target_key: str, data: Dataset) -> str:

@@ -448,6 +448,18 @@ def _writable(path: Path) -> bool:
     return os.access(path, os.W_OK) and bool(st.st_mode & 0o222)
 
 
+def check_destination(dest: str | os.PathLike[str], *, overwrite: bool = False, edit: bool = False) -> None:
+    """Refuse, before any work, a destination :func:`write_bundle` (or :func:`edit_bundle`) would refuse.
+
+    A new bundle needs a writable parent and a name that fits; an existing path is replaced
+    only with ``overwrite``, and only when it is a bundle (or an empty directory) and not read-only.
+    """
+    try:
+        _check_destination(versioned.real_path(dest), edit=edit, overwrite=overwrite)
+    except OSError as exc:
+        raise BundleError(f"cannot write the bundle {dest}: {exc.strerror or exc}") from exc
+
+
 def _check_destination(dest: Path, *, edit: bool, overwrite: bool) -> None:
     if not dest.name or len(os.fsencode(dest.name)) > 255:
         raise BundleError(f"{dest}: not a usable bundle name (empty, or over 255 bytes)")

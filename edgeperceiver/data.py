@@ -10,8 +10,10 @@
 
 Images are decoded with the bundle's :class:`~edgeperceiver.bundle.Preprocess` by the
 runtime's own :func:`~edgeperceiver.runtime.preprocess.load_image`, so calibration sees
-exactly what deployment sees. Unreadable images are skipped and listed; more than
-``max_unreadable`` of them fails with a :class:`CalibrationError`.
+exactly what deployment sees. Unreadable images are skipped, listed in ``skipped`` and
+named in a :class:`DataWarning` (so is an empty class folder); more than ``max_unreadable``
+of them fails with a :class:`CalibrationError`. A corrupt ``.npz`` is a
+:class:`CalibrationError` naming the file.
 
 A :class:`Dataset` is also an iterable of input batches (``batches``) and of input dicts
 (``input_dicts``), the shape ONNX Runtime's and NNCF's calibration readers consume.
@@ -20,6 +22,9 @@ A :class:`Dataset` is also an iterable of input batches (``batches``) and of inp
 from __future__ import annotations
 
 import os
+import warnings
+import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +37,10 @@ from .progress import Progress
 
 #: file suffixes read as images in a held-out directory
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+
+
+class DataWarning(UserWarning):
+    """Held-out data was read, but not all of it: unreadable images skipped, empty class folders."""
 
 
 @dataclass(frozen=True)
@@ -167,7 +176,7 @@ def _load_npz(path: Path, pre: Preprocess, limit: int | None, seed: int, progres
             x = np.asarray(z["x"])
             y = np.asarray(z["y"]) if "y" in z.files else None
             classes = tuple(str(c) for c in z["classes"]) if "classes" in z.files else ()
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise CalibrationError(f"{path}: cannot read .npz ({type(exc).__name__}: {exc})") from exc
     if x.ndim != 4:
         raise CalibrationError(f"{path}: x must be (N, C, H, W), got shape {x.shape}")
@@ -220,6 +229,10 @@ def _load_directory(
         classes = tuple(d.name for d in class_dirs)
         for label, d in enumerate(class_dirs):
             found = _images_below(d, root)
+            if not found:
+                warnings.warn(DataWarning(
+                    f"{d}: class folder {d.name!r} (label {label}) holds no images; that class has no held-out samples"
+                ), stacklevel=3)
             files.extend(found)
             labels.extend([label] * len(found))
     else:
@@ -249,6 +262,9 @@ def _load_directory(
         )
     if not xs:
         raise CalibrationError(f"{root}: none of the {len(index)} images could be read")
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        warnings.warn(DataWarning(f"{root}: skipped {len(skipped)} unreadable image(s): {shown}"), stacklevel=3)
     x = np.stack(xs).astype(np.float32, copy=False)
     y = None if y_all is None else y_all[np.asarray(kept, dtype=np.int64)]
     return Dataset(x=x, y=y, classes=classes, skipped=tuple(skipped), source=str(root))

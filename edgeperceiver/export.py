@@ -32,7 +32,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._optional import require
-from .bundle import BATCH, Manifest, Preprocess, SegmentSpec, TargetEntry, TensorSpec, write_bundle
+from .bundle import (
+    BATCH,
+    Manifest,
+    Preprocess,
+    SegmentSpec,
+    TargetEntry,
+    TensorSpec,
+    check_destination,
+    write_bundle,
+)
 from .cut import CutPlan, cut_model, run_chain
 from .errors import CheckpointError, EdgePerceiverError, ExportError, InputError
 from .export_report import ExportReport, SegmentStat, VerifyRow
@@ -287,6 +296,7 @@ def _export_graph(
     out = Path(out)
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists (pass overwrite / --force to replace it)")
+    check_destination(out, overwrite=overwrite)  # refuse a non-bundle, read-only or unwritable place now
     names_given = _read_labels(labels)  # read early: a bad labels file should not cost an export
     kept_idx = _kept(keep, len(exit_names))
     exits = tuple(exit_names[i] for i in kept_idx)

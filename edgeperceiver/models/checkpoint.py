@@ -31,6 +31,8 @@ AUTO_KEYS: tuple[str, ...] = ("model", "state_dict", "module", "model_ema", "sta
 #: official ``args`` fields that map onto constructor flags (``nb_classes`` -> ``num_classes``)
 _ARG_FLAGS: tuple[str, ...] = tuple(f for f in FLAG_NAMES if f not in ("num_classes", "drop_rate", "drop_path_rate"))
 _SHOW = 5
+#: the largest ``input_size`` a checkpoint may ask for (pixels per side)
+MAX_INPUT_SIZE = 4096
 
 
 def read_checkpoint(path: str | Path) -> Any:
@@ -152,12 +154,24 @@ def load_checkpoint(
     if head is not None and head.dim() == 2:
         flags["num_classes"] = int(head.shape[0])
     flags.update(overrides)
+    _check_input_size(flags.get("input_size"), path)
     try:
         model = create_model(str(arch), **flags)
     except ModelError as exc:
         raise CheckpointError(f"{path}: the checkpoint's settings do not build {arch!r}: {exc}") from exc
     _load_into(model, sd, strict=strict, what=f"{path} into {arch!r}")
     return model.float().eval()
+
+
+def _check_input_size(size: Any, path: str | Path) -> None:
+    """Refuse an absurd ``args.input_size`` before building a model that would allocate for it."""
+    if size is None or isinstance(size, bool) or not isinstance(size, int):
+        return  # the model's own flag checks name a wrong type
+    if size > MAX_INPUT_SIZE:
+        raise CheckpointError(
+            f"{path}: args.input_size = {size} is beyond {MAX_INPUT_SIZE} pixels per side; a corrupt or "
+            "hostile checkpoint? (pass input_size=... to override it)"
+        )
 
 
 def _load_into(model: nn.Module, sd: Mapping[str, Tensor], *, strict: bool, what: str) -> None:

@@ -52,12 +52,25 @@ def run_inputs(
     return to_rows(names, pred, runner.classes)
 
 
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control characters, newlines and escape sequences shown as ``\\xNN``.
+
+    Class names come from the manifest and file names from the user's disk; neither may
+    move the cursor, recolour the terminal or forge table rows.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else (f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}")
+                   for c in text)
+
+
 def render_rows(rows: Sequence[ResultRow], *, as_json: bool = False) -> str:
     """JSON lines (one object per row), or an aligned text table with an exit summary."""
     if as_json:
         return "\n".join(json.dumps(asdict(r)) for r in rows)
     header = ("file", "label", "class", "exit", "confidence")
-    body = [(r.file, str(r.label), r.class_name, str(r.exit), f"{r.confidence:.4f}") for r in rows]
+    body = [(printable(r.file), str(r.label), printable(r.class_name), str(r.exit), f"{r.confidence:.4f}")
+            for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
     right = {1, 3, 4}
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import io
 import os
+import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,9 @@ from ..errors import InputError, MissingDependencyError
 
 #: file suffixes treated as images when a directory is expanded
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+#: the only formats Pillow may decode (by content, whatever the suffix): no EPS/PostScript
+#: (Ghostscript), no PDF, no exotic plugins
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
 #: file suffixes read as arrays of already-preprocessed inputs
 ARRAY_SUFFIXES = frozenset({".npy", ".npz"})
 #: keys tried, in order, in an ``.npz`` file (else its only array)
@@ -78,13 +83,15 @@ def load_image(path: str | os.PathLike[str], pre: Preprocess) -> np.ndarray:
     if pre.channels not in (1, 3):
         raise InputError(f"preprocess.channels must be 1 or 3, the bundle says {pre.channels}")
     try:
-        with image_mod.open(path) as img:
+        with image_mod.open(path, formats=IMAGE_FORMATS) as img:
             img.load()
             img = img.convert("L" if pre.channels == 1 else "RGB")
     except FileNotFoundError as exc:
         raise InputError(f"{path}: no such image file") from exc
     except (OSError, ValueError, SyntaxError, image_mod.DecompressionBombError) as exc:
-        raise InputError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
+        raise InputError(
+            f"{path}: cannot read image ({type(exc).__name__}: {exc}; accepted formats: {', '.join(IMAGE_FORMATS)})"
+        ) from exc
     return _transform(image_mod, img, pre, str(path))
 
 
@@ -97,7 +104,7 @@ def decode_image(data: bytes, pre: Preprocess, name: str = "image") -> np.ndarra
     if pre.channels not in (1, 3):
         raise InputError(f"preprocess.channels must be 1 or 3, the bundle says {pre.channels}")
     try:
-        with image_mod.open(io.BytesIO(data)) as img:
+        with image_mod.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
             img.load()
             img = img.convert("L" if pre.channels == 1 else "RGB")
     except (OSError, ValueError, SyntaxError, image_mod.DecompressionBombError) as exc:
@@ -190,7 +197,7 @@ def load_array_file(path: str | os.PathLike[str]) -> np.ndarray:
                     return np.asarray(z[k])
             if len(keys) == 1:
                 return np.asarray(z[keys[0]])
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise InputError(f"{path}: cannot read array file ({type(exc).__name__}: {exc})") from exc
     raise InputError(
         f"{path}: .npz holds {sorted(keys)}; name the input array one of {list(NPZ_KEYS)} or store only one"
