@@ -21,6 +21,7 @@ EXTRAS: dict[str, str] = {
     "rich": "cli",
     "matplotlib": "calibrate",
     "sklearn": "demo",
+    "ray": "serve",
     "PIL": "core",
 }
 

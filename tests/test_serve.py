@@ -1,0 +1,285 @@
+"""Serving a bundle on Ray Serve: request decoding, the HTTP API, batching, bad input, load.
+
+The fast tests serve the toy bundle (tests/bundles.py) on a real one-machine Ray instance;
+the slow ones serve the shipped digits model, exported and calibrated once per session,
+with two replicas: 2,000 image requests at concurrency 16 against ``Runner.predict``,
+bad input under load, and a replica killed under load.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import socket
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from bundles import make_toy_bundle, toy_inputs
+
+from edgeperceiver.errors import BundleError, InputError
+
+pytest.importorskip("onnxruntime")
+Image = pytest.importorskip("PIL.Image")
+
+from edgeperceiver.apps.serve import Client, ServeConfig, ServiceError  # noqa: E402
+from edgeperceiver.apps.serve.decode import RequestError, decode_body  # noqa: E402
+from edgeperceiver.bundle import Preprocess  # noqa: E402
+from edgeperceiver.runtime import load  # noqa: E402
+from edgeperceiver.runtime.preprocess import load_image  # noqa: E402
+
+TOY_PRE = Preprocess(size=(8, 8), resize=None, mean=(0.5,) * 3, std=(0.25,) * 3, channels=3)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_pngs(dest: Path, n: int, size: int = 8, seed: int = 0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    dest.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = dest / f"{i:03d}.png"
+        p.write_bytes(png_bytes(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)))
+        paths.append(p)
+    return paths
+
+
+def raw_post(url: str, path: str, body: bytes, content_type: str, timeout: float = 30.0) -> tuple[int, Any]:
+    """POST without the client's conveniences: the status and the JSON answer."""
+    host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
+    prefix = "/" + url.split("//", 1)[1].split("/", 1)[1] if url.count("/") > 2 else ""
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.request("POST", prefix.rstrip("/") + path, body=body, headers={"Content-Type": content_type})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def hammer(
+    call: Callable[[int], Any], n: int, concurrency: int, time_limit: float
+) -> tuple[list[Any], list[BaseException]]:
+    """``call(i)`` for i < n on ``concurrency`` threads, stopping new calls after ``time_limit`` s.
+
+    Returns the answers (None where not called or failed) and the exceptions raised.
+    """
+    out: list[Any] = [None] * n
+    errors: list[BaseException] = []
+    deadline = time.monotonic() + time_limit
+
+    def one(i: int) -> None:
+        if time.monotonic() > deadline:
+            errors.append(TimeoutError(f"request {i} not sent: over {time_limit} s"))
+            return
+        try:
+            out[i] = call(i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(n)))
+    return out, errors
+
+
+def assert_same(answers: Sequence[dict[str, Any]], labels: np.ndarray, exits: np.ndarray) -> None:
+    got_l = np.array([a["label"] for a in answers])
+    got_e = np.array([a["exit"] for a in answers])
+    bad = np.flatnonzero((got_l != labels) | (got_e != exits))
+    assert bad.size == 0, f"{bad.size} answers differ from Runner.predict, first at {bad[:5]}"
+
+
+# --------------------------------------------------------------------------- decoding (no Ray)
+
+
+def test_png_body_is_preprocessed_like_the_file(tmp_path: Path) -> None:
+    (path,) = write_pngs(tmp_path, 1, size=11)
+    d = decode_body(path.read_bytes(), "image/png", TOY_PRE, max_samples=4)
+    assert d.single and d.x.shape == (3, 8, 8)
+    np.testing.assert_array_equal(d.x, load_image(path, TOY_PRE))
+
+
+def test_json_and_npy_bodies() -> None:
+    x = toy_inputs(3)
+    d = decode_body(json.dumps({"inputs": x.tolist()}).encode(), "application/json; charset=utf-8", TOY_PRE,
+                    max_samples=4)  # fmt: skip
+    assert not d.single and d.x.dtype == np.float32
+    np.testing.assert_allclose(d.x, x, rtol=1e-6)
+    buf = io.BytesIO()
+    np.save(buf, x[0])
+    d = decode_body(buf.getvalue(), "application/x-npy", TOY_PRE, max_samples=4)
+    assert d.single
+    np.testing.assert_array_equal(d.x, x[0])
+
+
+def _npy(arr: np.ndarray, allow_pickle: bool = False) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=allow_pickle)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype", "status", "kind", "words"),
+    [
+        (b"\x89PNG\r\n\x1a\nnot really", "image/png", 400, "undecodable_image", "image/png body"),
+        (b"", "image/png", 400, "empty_body", "empty"),
+        (b"hello", "text/plain", 415, "unsupported_media_type", "text/plain"),
+        (b"{not json", "application/json", 400, "invalid_json", "not valid JSON"),
+        (b"[1, 2]", "application/json", 400, "invalid_json", '"inputs"'),
+        (b'{"inputs": [[1, 2], [3]]}', "application/json", 400, "wrong_shape", "rectangular"),
+        (b'{"inputs": [["a", "b"]]}', "application/json", 400, "wrong_dtype", "numbers"),
+        (b'{"inputs": [1, 2, 3]}', "application/json", 400, "wrong_shape", "(C, H, W)"),
+        (json.dumps({"inputs": np.zeros((5, 3, 8, 8)).tolist()}).encode(), "application/json", 413,
+         "too_many_samples", "limit is 4"),
+        (_npy(np.zeros((3, 8, 8), np.uint8)), "application/x-npy", 400, "wrong_dtype", "uint8"),
+        (_npy(np.array([{"a": 1}], dtype=object), allow_pickle=True), "application/x-npy", 400, "invalid_npy",
+         "not a .npy"),
+    ],
+)  # fmt: skip
+def test_bad_bodies_are_refused(body: bytes, ctype: str, status: int, kind: str, words: str) -> None:
+    with pytest.raises(RequestError) as info:
+        decode_body(body, ctype, TOY_PRE, max_samples=4)
+    assert (info.value.status, info.value.kind) == (status, kind)
+    assert words in str(info.value)
+
+
+def test_config_is_checked_against_the_bundle(tmp_path: Path) -> None:
+    bundle = make_toy_bundle(tmp_path / "b", thresholds=[0.5, 0.5, None])
+    with pytest.raises(BundleError, match="not a bundle"):
+        ServeConfig.for_bundle(tmp_path / "missing")
+    with pytest.raises(BundleError, match="no target 'openvino'"):
+        ServeConfig.for_bundle(bundle, entry="openvino")
+    with pytest.raises(InputError, match="2 thresholds for a model with 3 exits"):
+        ServeConfig.for_bundle(bundle, thresholds=(0.5, None))
+    with pytest.raises(InputError, match="max_batch"):
+        ServeConfig.for_bundle(bundle, max_batch=0)
+    cfg = ServeConfig.for_bundle(bundle, replicas=2)
+    assert Path(cfg.bundle).is_absolute() and cfg.replicas == 2
+
+
+def test_client_reports_an_unreachable_service() -> None:
+    c = Client(f"http://127.0.0.1:{free_port()}", timeout=2.0)
+    with pytest.raises(ServiceError, match="ConnectionRefused") as info:
+        c.health()
+    assert info.value.status is None
+    with pytest.raises(ServiceError, match="not an http"):
+        Client("ftp://127.0.0.1/x")
+
+
+# --------------------------------------------------------------------------- one Ray instance per module
+
+
+@pytest.fixture(scope="module")
+def ray_port() -> Iterator[int]:
+    """A one-machine Ray instance (no dashboard) whose Serve proxy listens on a free loopback port."""
+    pytest.importorskip("ray.serve")
+    from edgeperceiver.apps.serve import stop
+
+    yield free_port()
+    stop()
+
+
+def _deploy(config: ServeConfig, port: int) -> str:
+    from edgeperceiver.apps.serve import start
+
+    return start(config, port=port, num_cpus=4, ready_timeout=120)
+
+
+@pytest.fixture(scope="module")
+def toy(ray_port: int, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """The toy bundle served at /toy (small body limit); the service URL and the bundle."""
+    bundle = make_toy_bundle(tmp_path_factory.mktemp("serve-toy") / "b", thresholds=[0.4, 0.36, None],
+                             classes=list("abcde"))  # fmt: skip
+    cfg = ServeConfig.for_bundle(bundle, max_batch=8, batch_wait_ms=5, name="toy", route_prefix="/toy",
+                                 max_body_bytes=256 << 10, max_samples=32, replica_cpus=0.5)  # fmt: skip
+    return _deploy(cfg, ray_port), bundle
+
+
+def test_answers_equal_the_runner(toy: tuple[str, Path], tmp_path: Path) -> None:
+    url, bundle = toy
+    runner = load(bundle)
+    paths = write_pngs(tmp_path / "imgs", 48, seed=3)
+    _, want = runner.predict_files(paths)
+    assert len(set(want.exits.tolist())) > 1, "the toy thresholds should give an exit mix"
+    client = Client(url, timeout=30)
+    answers, errors = hammer(lambda i: client.predict(paths[i]), len(paths), concurrency=8, time_limit=60)
+    assert errors == []
+    assert_same(answers, want.labels, want.exits)
+    for a, conf in zip(answers, want.confidences, strict=True):
+        assert a["class"] == "abcde"[a["label"]] and a["entry"] == "onnxruntime-fp32"
+        assert a["confidence"] == pytest.approx(float(conf), rel=1e-4, abs=1e-6)
+    # batched arrays: one request, one answer per sample, as .npy and as JSON
+    x = toy_inputs(20, seed=5)
+    want = runner.predict(x)
+    for as_json in (False, True):
+        got = client.predict_array(x, as_json=as_json)
+        assert got["entry"] == "onnxruntime-fp32"
+        assert_same(got["predictions"], want.labels, want.exits)
+    stats = client.stats()
+    assert stats["batches"] >= 1 and sum(stats["exit_samples"].values()) >= 48 + 40
+    assert max(int(k) for k in stats["batch_sizes"]) > 1, "concurrent requests should share batches"
+
+
+def test_health_readiness_and_routes(toy: tuple[str, Path]) -> None:
+    url, _ = toy
+    client = Client(url, timeout=30)
+    assert client.health() == {"status": "ok"}
+    info = client.ready()
+    assert info["entry"] == "onnxruntime-fp32" and info["exits"] == 3
+    assert info["thresholds"] == [0.4, 0.36, None] and info["classes"] == list("abcde")
+    assert info["input"]["shape"] == ["batch", 3, 8, 8]
+    with pytest.raises(ServiceError) as nf:
+        client.request("GET", "/nope")
+    assert (nf.value.status, nf.value.kind) == (404, "not_found")
+    with pytest.raises(ServiceError) as na:
+        client.request("GET", "/predict")
+    assert (na.value.status, na.value.kind) == (405, "method_not_allowed")
+
+
+def test_bad_requests_get_a_4xx_json_error(toy: tuple[str, Path]) -> None:
+    url, _ = toy
+    x = toy_inputs(1)[0]
+    nan = x.copy()
+    nan[1, 2, 3] = np.nan
+    cases = [
+        (b"GIF89a broken", "image/gif", 400, "undecodable_image", "not an image"),
+        (_npy(np.zeros((3, 4, 4), np.float32)), "application/x-npy", 400, "invalid_input", "expected shape"),
+        (_npy(np.zeros((1, 8, 8), np.float32)), "application/x-npy", 400, "invalid_input", "channel"),
+        (_npy(x.astype(np.int32)), "application/x-npy", 400, "wrong_dtype", "int32"),
+        (_npy(nan), "application/x-npy", 400, "invalid_input", "NaN"),
+        (b'{"inputs": ' + json.dumps(x.tolist()).replace("0.", "NaN, 0.", 1).encode() + b"}", "application/json",
+         400, "wrong_shape", "rectangular"),
+        (b"\0" * (257 << 10), "image/png", 413, "body_too_large", "limit of 262144 bytes"),
+        (b"x", "application/xml", 415, "unsupported_media_type", "application/xml"),
+    ]  # fmt: skip
+    for body, ctype, status, kind, words in cases:
+        got_status, doc = raw_post(url, "/predict", body, ctype)
+        assert got_status == status, (kind, doc)
+        assert doc["error"]["kind"] == kind and doc["error"]["status"] == status
+        assert words in doc["error"]["message"], doc
+    # NaN through JSON (Python's json reads the literal) is named by the runner
+    status, doc = raw_post(url, "/predict", json.dumps({"inputs": nan.tolist()}).encode(), "application/json")
+    assert status == 400 and "NaN or inf" in doc["error"]["message"]
+    # the replica is still up and counted every refusal
+    client = Client(url)
+    assert client.predict_array(x)["exit"] in (1, 2, 3)
+    errors = client.stats()["errors"]
+    assert errors.get("body_too_large", 0) >= 1 and errors.get("undecodable_image", 0) >= 1
