@@ -23,7 +23,7 @@ from edgeperceiver.types import Precision, TargetName
 #: precisions each target can build
 SUPPORTED: Mapping[TargetName, tuple[Precision, ...]] = {
     TargetName.ONNXRUNTIME: (Precision.FP32, Precision.INT8),
-    TargetName.OPENVINO: (Precision.FP32, Precision.BF16, Precision.INT8),
+    TargetName.OPENVINO: (Precision.FP32, Precision.BF16, Precision.INT8, Precision.AUTO),
     TargetName.TENSORRT: (Precision.FP32, Precision.FP16, Precision.INT8),
 }
 

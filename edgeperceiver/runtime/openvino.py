@@ -38,7 +38,14 @@ from .._optional import require
 from ..bundle import BATCH, Bundle, SegmentSpec, TargetEntry
 from ..errors import InputError, TargetError
 from ..types import Precision
-from .backend import HostArrays
+from .backend import HostArrays, SessionBase
+from .openvino_chain import OpenVINOChain
+from .openvino_tensors import bf16_bits, bf16_to_float32, is_bf16, tensor_to_host
+
+__all__ = [
+    "OpenVINOBackend", "OpenVINOChain", "OpenVINOSession", "bf16_bits", "bf16_to_float32", "inference_precision_hint",
+    "is_bf16", "tensor_to_host",
+]
 
 #: manifest precision -> OpenVINO INFERENCE_PRECISION_HINT for the float parts of a model
 _FLOAT_HINT: Mapping[Precision, str] = {
@@ -81,31 +88,21 @@ def inference_precision_hint(precision: Precision | str) -> str:
         raise InputError(f"unknown OpenVINO inference precision {precision!r} (use fp32, bf16 or f16)") from None
 
 
-def bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
-    return (rounded >> np.uint32(16)).astype(np.uint16)
+def entry_precision(entry: TargetEntry, index: int) -> str:
+    """The ``INFERENCE_PRECISION_HINT`` segment ``index`` (1-based) of ``entry`` was compiled for.
 
-
-def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns (uint16) -> float32."""
-    return (np.ascontiguousarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
-
-
-def tensor_to_host(tensor: Any) -> np.ndarray:
-    """Copy an OpenVINO tensor out; bfloat16 comes back as its bit patterns (uint16).
-
-    (OpenVINO's Python API labels bf16 data float16, which would silently misread it.)
+    A ``--precision auto`` entry records one per segment (``segment_inference_precision``);
+    others one for the whole entry (``inference_precision``), else the entry's precision's.
     """
-    data = tensor.data
-    if str(tensor.get_element_type()) == "<Type: 'bfloat16'>":
-        return np.array(data.view(np.uint16), copy=True)
-    return np.array(data, copy=True)
-
-
-def is_bf16(port: Any) -> bool:
-    return str(port.get_element_type()) == "<Type: 'bfloat16'>"
+    per_segment = entry.metadata.get("segment_inference_precision")
+    if isinstance(per_segment, list) and len(per_segment) == len(entry.segments):
+        return inference_precision_hint(str(per_segment[index - 1]))
+    recorded = entry.metadata.get("inference_precision")
+    if recorded:
+        return inference_precision_hint(str(recorded))
+    if entry.precision.value == "auto":
+        raise TargetError(f"entry {entry.key} lacks its per-segment precisions (segment_inference_precision)")
+    return inference_precision_hint(entry.precision)
 
 
 class OpenVINOBackend(HostArrays):
@@ -147,15 +144,15 @@ class OpenVINOBackend(HostArrays):
         """Read segment ``segment.index`` of ``entry`` (an IR ``.xml`` or an ONNX file)."""
         rel = entry.segments[segment.index - 1]
         path = bundle.path(rel)
-        if self.config.precision is not None:
-            precision = self.config.precision
-        else:
-            recorded = entry.metadata.get("inference_precision")
-            precision = inference_precision_hint(recorded if recorded else entry.precision)
         try:
             model = self.core.read_model(str(path))
         except RuntimeError as exc:
             raise TargetError(f"OpenVINO cannot read segment {segment.index} ({rel}): {exc}") from exc
+        return self.session(model, segment, self.config.precision or entry_precision(entry, segment.index))
+
+    def session(self, model: Any, segment: SegmentSpec, precision: str) -> OpenVINOSession:
+        """A session over an in-memory OpenVINO ``model`` (``compile`` times and checks its
+        candidates through these, as the runtime will run them)."""
         return OpenVINOSession(self.core, model, segment, self.config, precision)
 
     def chain(self, sessions: tuple[Any, ...], input_name: str) -> OpenVINOChain | None:
@@ -165,7 +162,7 @@ class OpenVINOBackend(HostArrays):
         return OpenVINOChain(tuple(sessions), input_name)
 
 
-class OpenVINOSession:
+class OpenVINOSession(SessionBase):
     """One segment; compiles a static-shape model per batch size on first use."""
 
     def __init__(
@@ -176,6 +173,7 @@ class OpenVINOSession:
         self.segment = segment
         self.config = config
         self.precision = precision
+        self.hint = config.hint
         self.input_names = tuple(t.name for t in segment.inputs)
         self.output_names = tuple(t.name for t in segment.outputs)
         model_inputs = {n for p in model.inputs for n in p.get_names()}
@@ -374,135 +372,3 @@ def _collect(request: Any, userdata: tuple[dict[str, np.ndarray], tuple[str, ...
     slot, names = userdata
     for n in names:
         slot[n] = tensor_to_host(request.get_tensor(n))
-
-
-class OpenVINOChain:
-    """A bundle's segments with their carried tensors bound zero-copy between infer requests.
-
-    For the runner's common case (every sample goes on): per thread and batch size, one
-    infer request per segment whose inputs are, once and for all, the output tensors of
-    the requests that produce them, so nothing between segments crosses into numpy. Only
-    the image goes in and the exit logits come out; :meth:`ChainState.live` copies the
-    carried tensors out when the runner has to compact the batch (and leaves the chain).
-    Used by :class:`~edgeperceiver.runtime.runner.Runner` through ``backend.chain``.
-    """
-
-    def __init__(self, sessions: tuple[OpenVINOSession, ...], input_name: str) -> None:
-        self.sessions = sessions
-        self.input_name = input_name
-        self.hint = sessions[0].config.hint if sessions else "LATENCY"
-        self._local = threading.local()
-
-    def start(self, x: np.ndarray) -> ChainState | None:
-        """Bind ``x`` (contiguous, validated) to segment 1; None where the chain does not apply."""
-        batch = int(x.shape[0])
-        if batch == 0 or (self.hint == "THROUGHPUT" and batch > 1):
-            return None
-        states: dict[int, ChainState] | None = getattr(self._local, "states", None)
-        if states is None:
-            states = self._local.states = {}
-        state = states.get(batch)
-        if state is None:
-            state = states[batch] = ChainState.make(self.sessions, self.input_name, batch)
-        state.bind(x)
-        return state
-
-
-class ChainState:
-    """One thread's bound infer requests for one batch size (see :class:`OpenVINOChain`)."""
-
-    def __init__(
-        self,
-        ov: Any,
-        requests: list[Any],
-        image: list[tuple[int, int]],
-        exits: list[tuple[int, bool]],
-        carried: dict[str, tuple[int, int, bool]],
-        input_name: str,
-        segment_index: list[int],
-    ) -> None:
-        self._ov = ov
-        self.requests = requests
-        self._image = image  #: (segment, input port) pairs that read the image
-        self._exits = exits  #: per segment: (output port of its exit, bf16?)
-        self._carried = carried  #: name -> (producing segment, output port, bf16?)
-        self.input_name = input_name
-        self._segment_index = segment_index
-        self._x: np.ndarray | None = None
-
-    @staticmethod
-    def make(sessions: tuple[OpenVINOSession, ...], input_name: str, batch: int) -> ChainState:
-        def port(ports: Any, name: str) -> int:
-            for i, p in enumerate(ports):
-                if name in p.get_names():
-                    return i
-            raise TargetError(f"compiled model has no port named {name!r}")
-
-        ov = require("openvino")
-        requests: list[Any] = []
-        image: list[tuple[int, int]] = []
-        exits: list[tuple[int, bool]] = []
-        carried: dict[str, tuple[int, int, bool]] = {}
-        for k, sess in enumerate(sessions):
-            cm = sess.compiled(batch)
-            req = cm.create_infer_request()
-            for spec in sess.segment.inputs:
-                i = port(cm.inputs, spec.name)
-                if spec.name == input_name:
-                    image.append((k, i))
-                    continue
-                made = carried.get(spec.name)
-                if made is None:
-                    raise TargetError(f"segment {sess.segment.index} reads {spec.name!r}, which no earlier "
-                                      "segment produces")
-                req.set_input_tensor(i, requests[made[0]].get_output_tensor(made[1]))
-            for spec in sess.segment.outputs:
-                j = port(cm.outputs, spec.name)
-                carried[spec.name] = (k, j, is_bf16(cm.outputs[j]))
-            j = port(cm.outputs, sess.segment.exit)
-            exits.append((j, is_bf16(cm.outputs[j])))
-            requests.append(req)
-        return ChainState(ov, requests, image, exits, carried, input_name,
-                          [s.segment.index for s in sessions])
-
-    def bind(self, x: np.ndarray) -> None:
-        """Point every request that reads the image at ``x``'s memory (kept alive here).
-
-        Re-binding the buffer already bound (same address and shape: held here, so it
-        cannot have been freed and reused) is skipped; the requests read it afresh anyway.
-        """
-        old = self._x
-        if (old is not None and old.shape == x.shape and old.dtype == x.dtype
-                and old.__array_interface__["data"][0] == x.__array_interface__["data"][0]):
-            return
-        self._x = x
-        tensor = self._ov.Tensor(x, shared_memory=True)
-        for k, i in self._image:
-            self.requests[k].set_input_tensor(i, tensor)
-
-    def run(self, k: int, logits: bool = True) -> np.ndarray | None:
-        """Run segment ``k`` (0-based); a host copy of its exit logits (float32), if ``logits``."""
-        req = self.requests[k]
-        try:
-            req.infer()
-        except RuntimeError as exc:
-            raise TargetError(f"OpenVINO inference failed in segment {self._segment_index[k]}: {exc}") from exc
-        if not logits:
-            return None
-        j, bf = self._exits[k]
-        if bf:
-            return bf16_to_float32(tensor_to_host(req.get_output_tensor(j)))
-        return np.array(req.get_output_tensor(j).data, copy=True)
-
-    def live(self, names: frozenset[str], k: int) -> dict[str, np.ndarray]:
-        """Host copies of the named tensors segments 0..``k`` produced (bf16 ones as uint16 bits)."""
-        out: dict[str, np.ndarray] = {}
-        for name in names:
-            if name == self.input_name:
-                assert self._x is not None
-                out[name] = self._x
-                continue
-            made = self._carried.get(name)
-            if made is not None and made[0] <= k:
-                out[name] = tensor_to_host(self.requests[made[0]].get_output_tensor(made[1]))
-        return out

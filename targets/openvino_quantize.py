@@ -1,0 +1,75 @@
+"""OpenVINO INT8: quantize every segment (NNCF per segment, or the shared QDQ graph cut into segments)."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeperceiver._optional import require
+from edgeperceiver.bundle import BATCH, BundleWriter, Manifest, SegmentSpec
+from edgeperceiver.passes.openvino_group_conv import per_channel_group_conv_weights
+from edgeperceiver.quantize import QuantizeConfig, nncf_quantize
+from edgeperceiver.runtime.openvino import OpenVINOBackend
+
+from .openvino_chains import Candidate, Chain
+from .openvino_ir import read
+
+
+def qdq_models(
+    core: Any, writer: BundleWriter, manifest: Manifest, calib: np.ndarray, config: QuantizeConfig
+) -> tuple[list[Any], Any]:
+    """Quantize model.onnx as one QDQ graph, cut it, and read every QDQ segment into OpenVINO."""
+    from edgeperceiver.quantize import qdq_segments
+
+    onnx = require("onnx", purpose="INT8 QDQ quantization")
+    qmodel, segs = qdq_segments(writer.dir / manifest.model_path, manifest, calib, config)
+    with tempfile.TemporaryDirectory(prefix="ep-ov-") as tmp:
+        models = []
+        for k, seg in enumerate(segs, start=1):
+            p = Path(tmp) / f"seg{k}.onnx"
+            onnx.save(seg, str(p))
+            models.append(read(core, p))
+        p = Path(tmp) / "model.onnx"
+        onnx.save(qmodel, str(p))
+        mono = read(core, p)
+    return models, mono
+
+
+def segment_quantize(
+    backend: OpenVINOBackend,
+    fp32_models: Sequence[Any],
+    manifest: Manifest,
+    calib: np.ndarray,
+    config: QuantizeConfig,
+) -> list[Any]:
+    """NNCF on each OpenVINO segment, calibrated on the inputs the earlier FP32 segments make
+    (run through the runtime's sessions)."""
+    n = len(fp32_models)
+    fp32 = Chain(backend, manifest, Candidate("fp32", fp32_models, ["fp32"] * n, ["f32"] * n))
+    per_image = fp32.carried(calib)
+    quantized = []
+    for spec, model in zip(manifest.segments, fp32_models, strict=True):
+        feeds = [{t.name: live[t.name] for t in spec.inputs} for live in per_image]
+        q = nncf_quantize(reshaped(model, spec, 1), feeds, config, exits=(spec.exit,))
+        per_channel_group_conv_weights(q)
+        quantized.append(q)
+    return quantized
+
+
+def monolithic_quantize(whole: Any, manifest: Manifest, calib: np.ndarray, config: QuantizeConfig) -> Any:
+    """The whole graph quantized as the segments are: the cut's reference."""
+    whole.reshape({manifest.input.name: [1, *manifest.input.shape[1:]]})
+    feeds = [{manifest.input.name: calib[i : i + 1]} for i in range(calib.shape[0])]
+    mono = nncf_quantize(whole, feeds, config, exits=manifest.exits)
+    per_channel_group_conv_weights(mono)
+    return mono
+
+
+def reshaped(model: Any, spec: SegmentSpec, batch: int) -> Any:
+    m = model.clone()
+    m.reshape({t.name: [batch if d == BATCH else int(d) for d in t.shape] for t in spec.inputs})
+    return m
