@@ -1,0 +1,124 @@
+"""``compile --precision auto`` on OpenVINO and the accuracy gate of every automatic precision choice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+
+from bundles import make_toy_bundle, toy_inputs
+
+from edgeperceiver.bundle import Bundle
+from edgeperceiver.errors import InputError
+from edgeperceiver.runtime.runner import load
+from edgeperceiver.targets import compile_bundle
+from edgeperceiver.targets.openvino_select import fastest_passing, passes, per_segment
+from edgeperceiver.types import Precision, TargetName
+
+SIZE, WIDTH = 16, 8
+FAST = {"latency_runs": 3, "report_samples": 16, "threads": 1}
+
+
+# ----------------------------------------------------------------------------- the choice
+
+
+def test_gate_is_points_of_agreement() -> None:
+    assert passes([1.0, 0.995, 0.9949], 0.5) == [True, True, False]
+    assert passes([0.99], 1.0) == [True]
+
+
+def test_fastest_candidate_outside_the_gate_is_never_chosen() -> None:
+    ms = {"fp32": [2.0, 1.0], "bf16": [1.0, 0.5], "int8": [1.5, 0.4]}
+    agree = {"fp32": [1.0, 1.0], "bf16": [0.98, 1.0], "int8": [1.0, 1.0]}  # bf16 fastest, but loses exit 1
+    assert fastest_passing(ms, agree, fallback="fp32") == "int8"
+    assert per_segment(ms, agree, fallback="fp32") == ["int8", "int8"]
+    # exit 2 only judged at exit 2: bf16 within the gate there
+    agree["int8"] = [1.0, 0.9]
+    assert per_segment(ms, agree, fallback="fp32") == ["int8", "bf16"]
+    assert fastest_passing(ms, {n: [0.0, 0.0] for n in ms}, fallback="fp32") == "fp32"
+
+
+# ----------------------------------------------------------------------------- on OpenVINO
+
+
+@pytest.fixture(scope="module")
+def auto(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = make_toy_bundle(tmp_path_factory.mktemp("ova") / "toy", size=SIZE, width=WIDTH)
+    calib = toy_inputs(48, size=SIZE, seed=3)
+    compile_bundle(root, TargetName.OPENVINO, Precision.FP32, options=FAST)
+    compile_bundle(root, TargetName.OPENVINO, Precision.AUTO, calib_data=calib, options=FAST)
+    return root
+
+
+def test_auto_records_per_segment_precisions_and_the_timings_that_chose_them(auto: Path) -> None:
+    entry = Bundle.open(auto).manifest.target("openvino-auto")
+    meta = entry.metadata
+    picks = meta["auto"]["per_segment"]
+    cands = meta["auto"]["candidates"]
+    assert entry.segments == tuple(f"openvino-auto/seg{k}.xml" for k in (1, 2, 3))
+    assert {"fp32", "int8"} <= set(cands) and len(picks) == 3
+    precision = {"fp32": "fp32", "bf16": "bf16", "int8": "int8", "int8+bf16": "int8"}
+    hint = {"fp32": "f32", "bf16": "bf16", "int8": "f32", "int8+bf16": "bf16"}
+    assert meta["segment_precisions"] == [precision[p] for p in picks]
+    assert meta["segment_inference_precision"] == [hint[p] for p in picks]
+    for k, pick in enumerate(picks):
+        assert cands[pick]["within_gate"][k]
+        # the fastest within the gate at that segment: never slower there than FP32
+        ok = [n for n, c in cands.items() if c["within_gate"][k]]
+        assert cands[pick]["segment_ms"][k] == min(cands[n]["segment_ms"][k] for n in ok)
+        assert cands[pick]["segment_ms"][k] <= cands["fp32"]["segment_ms"][k]
+    assert all(passes([r["top1_agreement"] for r in meta["agreement"]["exits"]], 100.0))
+    assert len(entry.latency_ms) == 3 and "chosen per segment" in meta["report"]
+
+
+def test_auto_entry_runs_close_to_fp32(auto: Path) -> None:
+    x = toy_inputs(8, size=SIZE, seed=9)
+    ref = load(auto, "openvino-fp32", threads=1).all_exits(x)
+    got = load(auto, "openvino-auto", threads=1).all_exits(x)
+    for r, g in zip(ref, got, strict=True):
+        assert float(np.abs(g - r).max()) < 0.25 * float(np.abs(r).max())
+    runner = load(auto, "openvino-auto", threads=1, thresholds=[0.5, 0.5, None])
+    pred = runner.predict(x)
+    for i in range(len(x)):
+        alone = runner.predict(x[i : i + 1])
+        assert alone.exits[0] == pred.exits[i] and alone.labels[0] == pred.labels[i]
+
+
+def test_mixed_chain_converts_only_where_precisions_differ(tmp_path: Path) -> None:
+    from edgeperceiver.runtime.openvino import OpenVINOBackend
+    from edgeperceiver.targets.openvino_chains import Candidate, Chain, bf16_carried
+    from edgeperceiver.targets.openvino_ir import has_bf16, read_fp32
+
+    root = make_toy_bundle(tmp_path / "toy", size=SIZE, width=WIDTH)
+    manifest = Bundle.open(root).manifest
+    backend = OpenVINOBackend(threads=1)
+    if not has_bf16(backend.core):
+        pytest.skip("this CPU has no native bf16")
+    models = [read_fp32(backend.core, root / s.path, fold_norms=False, fuse=True)[0] for s in manifest.segments]
+    carried = {t.name for s in manifest.segments for t in s.inputs} - {manifest.input.name, *manifest.exits}
+    assert bf16_carried(manifest, ["bf16"] * 3) == frozenset(carried)
+    assert bf16_carried(manifest, ["f32", "bf16", "bf16"]) < frozenset(carried)  # seg 1's outputs stay f32
+    assert bf16_carried(manifest, ["f32"] * 3) == frozenset()
+    mixed = Candidate("mix", models, ["fp32", "bf16", "bf16"], ["f32", "bf16", "bf16"])
+    fp32 = Candidate("fp32", models, ["fp32"] * 3, ["f32"] * 3)
+    x = toy_inputs(6, size=SIZE, seed=4)
+    got = Chain(backend, manifest, mixed).exits(x)
+    ref = Chain(backend, manifest, fp32).exits(x)
+    np.testing.assert_array_equal(got[0], ref[0])  # segment 1 is the FP32 one
+    for r, g in zip(ref[1:], got[1:], strict=True):
+        assert not np.array_equal(g, r) and float(np.abs(g - r).max()) < 0.05 * float(np.abs(r).max())
+
+
+def test_auto_needs_calibration_images_and_other_targets_refuse_it(tmp_path: Path) -> None:
+    root = make_toy_bundle(tmp_path / "toy", size=SIZE, width=WIDTH)
+    with pytest.raises(InputError, match="calibration"):
+        compile_bundle(root, TargetName.OPENVINO, Precision.AUTO, options=FAST)
+    with pytest.raises(InputError, match="auto"):
+        compile_bundle(root, TargetName.ONNXRUNTIME, Precision.AUTO, calib_data=toy_inputs(8, size=SIZE))
+    with pytest.raises(InputError, match="gate_points"):
+        compile_bundle(root, TargetName.OPENVINO, Precision.AUTO, calib_data=toy_inputs(8, size=SIZE),
+                       options={"gate_points": -1})
