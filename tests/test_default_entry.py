@@ -115,3 +115,47 @@ def test_stamps_order_compiles_and_calibrations(tmp_path: Path) -> None:
     assert (m.targets["onnxruntime-fp32"].compiled, m.targets["onnxruntime-fp32"].calibrated) == (2, 0)
     again = type(m).from_dict(json.loads(m.to_json()))
     assert again.targets["onnxruntime-fp32"].compiled == 2
+
+
+@pytest.mark.slow
+def test_demo_openvino_int8_calibrated_runs_by_default(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The user's path on the demo model: export, compile OpenVINO INT8 (NNCF), calibrate it on the
+    held-out digits, then run, bench and a copied bundle's run.py with no entry named."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    pytest.importorskip("sklearn")
+    from edgeperceiver.datasets.digits import load_digits_split, write_imagefolder
+    from edgeperceiver.errors import CheckpointError
+    from edgeperceiver.models import DEMO_MODEL, demo_checkpoint, model_info
+
+    try:
+        ckpt = demo_checkpoint()
+    except CheckpointError as exc:
+        pytest.skip(str(exc))
+    split = load_digits_split(model_info(DEMO_MODEL).input_size)
+    held = write_imagefolder(split.x_heldout, split.y_heldout, split.classes, tmp_path / "heldout")
+    calib = write_imagefolder(split.x_train[:300], split.y_train[:300], split.classes, tmp_path / "calib")
+    root = tmp_path / "bundle"
+    assert _cli(capsys, "export", ckpt, "-o", root, "--json")[0] == 0
+    code, _, err = _cli(capsys, "compile", root, "--target", "openvino", "--precision", "int8", "--calib-data", calib,
+                        "-O", "threads=2", "-O", "latency_runs=5", "--json")  # fmt: skip
+    assert code == 0, err
+    code, out, err = _cli(capsys, "calibrate", root, "--data", held, "--max-drop", "0.5")
+    assert code == 0, err
+    assert "calibrating entry openvino-int8 (compiled last)" in err
+
+    code, out, err = _cli(capsys, "run", root, held, "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["entry"] == "openvino-int8" and doc["reason"] == "calibrated last"
+    assert doc["exit_counts"][0] > 0 and doc["samples"] == len(split.y_heldout)
+    code, out, err = _cli(capsys, "bench", root, "--data", held, "--batch-sizes", "1", "--repeats", "3", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["entry"] == "openvino-int8" and doc["data_exit_share"][0] > 0
+
+    copy = tmp_path / "device" / "bundle"
+    shutil.copytree(root, copy)
+    out, err = _run_py(copy, str(held), "--json")
+    doc = json.loads(out)
+    assert doc["entry"] == "openvino-int8" and doc["exit_counts"][0] > 0

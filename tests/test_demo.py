@@ -12,7 +12,7 @@ from edgeperceiver.bundle import Bundle
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
-    from edgeperceiver.demo import run_demo
+    from edgeperceiver.apps.demo import run_demo
 
     lines: list[str] = []
     report = run_demo(tmp_path, echo=lines.append, rounds=1)
