@@ -139,6 +139,25 @@ class TargetEntry:
 
 
 @dataclass(frozen=True)
+class QuantizedGraph:
+    """The quantization stage: one quantized (QDQ) multi-exit graph and its cut segments.
+
+    Every target that consumes explicit Q/DQ (ONNX Runtime INT8, TensorRT INT8) reads
+    these files; ``tool``/``preset``/``config`` say how it was made and
+    ``calibration_sha256`` which calibration images it saw.
+    """
+
+    model: str  #: the quantized monolithic graph
+    segments: tuple[str, ...]  #: its cut, one per bundle segment
+    tool: str  #: e.g. "nncf 2.19.0"
+    preset: str  #: NNCF preset ("performance": symmetric activations)
+    calibration_sha256: str
+    calibration_images: int
+    config: Mapping[str, Any] = field(default_factory=dict)  #: every quantizer setting
+    format: str = "QDQ"
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything a bundle is; ``files`` maps every relative path to its sha256."""
 
@@ -155,6 +174,7 @@ class Manifest:
     files: Mapping[str, str] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
     schema: str = SCHEMA
+    quantization: QuantizedGraph | None = None  #: the quantization stage, once made
 
     @property
     def exits(self) -> tuple[str, ...]:
@@ -339,6 +359,9 @@ def _referenced_paths(m: Manifest) -> Iterator[str]:
         yield from t.segments
         if t.monolithic:
             yield t.monolithic
+    if m.quantization is not None:
+        yield m.quantization.model
+        yield from m.quantization.segments
 
 
 def _inside(root: Path, rel: str) -> Path:
@@ -454,15 +477,21 @@ def check_destination(dest: str | os.PathLike[str], *, overwrite: bool = False, 
     A new bundle needs a writable parent and a name that fits; an existing path is replaced
     only with ``overwrite``, and only when it is a bundle (or an empty directory) and not read-only.
     """
+    _check_name(Path(dest))
     try:
         _check_destination(versioned.real_path(dest), edit=edit, overwrite=overwrite)
     except OSError as exc:
         raise BundleError(f"cannot write the bundle {dest}: {exc.strerror or exc}") from exc
 
 
-def _check_destination(dest: Path, *, edit: bool, overwrite: bool) -> None:
-    if not dest.name or len(os.fsencode(dest.name)) > 255:
+def _check_name(dest: Path) -> None:
+    name = Path(os.path.abspath(dest)).name
+    if not name or len(os.fsencode(name)) > 255:
         raise BundleError(f"{dest}: not a usable bundle name (empty, or over 255 bytes)")
+
+
+def _check_destination(dest: Path, *, edit: bool, overwrite: bool) -> None:
+    _check_name(dest)
     cwd = Path.cwd().resolve()
     if dest.exists() and (cwd == dest.resolve() or cwd.is_relative_to(dest.resolve())):
         raise BundleError(f"{dest}: refusing to replace the current directory or one above it")
@@ -498,6 +527,7 @@ def _check_destination(dest: Path, *, edit: bool, overwrite: bool) -> None:
 def _transaction(dest: Path, *, edit: bool, overwrite: bool) -> Iterator[BundleWriter]:
     """Lock, recover leftovers, stage (a hard-linked copy when editing), publish on success."""
     raw = dest
+    _check_name(dest)
     try:
         dest = versioned.real_path(dest)
         _check_destination(dest, edit=edit, overwrite=overwrite)
@@ -583,6 +613,20 @@ def _thresholds(d: Mapping[str, Any] | None) -> Thresholds | None:
     return Thresholds(Criterion(d["criterion"]), values, str(d.get("goal", "manual")))
 
 
+def _quantized(q: Mapping[str, Any] | None, num_segments: int) -> QuantizedGraph | None:
+    if q is None:
+        return None
+    stage = QuantizedGraph(
+        model=str(q["model"]), segments=tuple(str(x) for x in q["segments"]), tool=str(q["tool"]),
+        preset=str(q["preset"]), calibration_sha256=str(q["calibration_sha256"]),
+        calibration_images=int(q["calibration_images"]), config=dict(q.get("config", {})),
+        format=str(q.get("format", "QDQ")),
+    )
+    if len(stage.segments) != num_segments:
+        raise ValueError(f"the quantization stage has {len(stage.segments)} segments, bundle has {num_segments}")
+    return stage
+
+
 def _manifest_from_dict(d: Mapping[str, Any]) -> Manifest:
     segments = tuple(
         SegmentSpec(
@@ -627,6 +671,7 @@ def _manifest_from_dict(d: Mapping[str, Any]) -> Manifest:
         classes=None if classes is None else tuple(str(c) for c in classes),
         targets=targets, files={str(k): str(v) for k, v in dict(d.get("files", {})).items()},
         extra=dict(d.get("extra", {})), schema=str(d["schema"]),
+        quantization=_quantized(d.get("quantization"), len(segments)),
     )
     _check_ranges(manifest)
     return manifest

@@ -190,12 +190,14 @@ class FileLock:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
-        with contextlib.suppress(OSError):
-            if self.remove:
-                os.unlink(self.path)
-            else:
-                os.ftruncate(fd, 0)
-        os.close(fd)  # closing drops the flock
+        try:
+            with contextlib.suppress(OSError):
+                if self.remove:
+                    os.unlink(self.path)
+                else:
+                    os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)  # closing drops the flock
 
     def __enter__(self) -> FileLock:
         self.acquire()
