@@ -22,7 +22,6 @@ Forced exits make cost measurable on untrained weights (whose confidences say no
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import statistics
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +35,7 @@ import numpy as np
 from .bundle import Bundle, SegmentSpec, TargetEntry
 from .errors import InputError
 from .runtime.backend import Backend, Session
+from .runtime.cli_support import dumps_json
 from .runtime.runner import Runner, load
 from .timing import Progress, interleaved
 from .types import TargetName
@@ -149,7 +149,8 @@ class BenchReport:
         return d
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
+        """Strict JSON (a value that is not finite becomes null)."""
+        return dumps_json(self.to_dict())
 
     def render(self) -> str:
         """A text table: one column per batch size."""

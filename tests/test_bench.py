@@ -82,3 +82,18 @@ def test_bench_in_blocks_times_steady_state_calls(toy: Path) -> None:
     assert report.block == 2 and json.loads(report.to_json())["block"] == 2
     assert "interleaved repeats in blocks of 2" in report.render()
     assert all(v > 0 for v in report.batch(1).cumulative_ms)
+
+
+def test_report_json_is_strict(toy: Path) -> None:
+    """--json documents are strict JSON: a non-finite value becomes null, never NaN/Infinity."""
+    import dataclasses
+
+    report = bench(toy, batch_sizes=(1,), repeats=2, warmup=1, threads=1)
+    report = dataclasses.replace(report, extra_ms={"broken": float("nan"), "forever": float("inf")})
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    doc = json.loads(report.to_json(), parse_constant=refuse)
+    assert doc["extra_ms"] == {"broken": None, "forever": None}
+    assert doc["target"] == "onnxruntime-fp32" and doc["batches"][0]["cut_price"] > 0
