@@ -294,7 +294,7 @@ def _export_graph(
 ) -> ExportReport:
     onnx = require("onnx", purpose="ONNX export")
     out = Path(out)
-    if out.exists() and not overwrite:
+    if os.path.lexists(out) and not overwrite:
         raise ExportError(f"{out} already exists (pass overwrite / --force to replace it)")
     check_destination(out, overwrite=overwrite)  # refuse a non-bundle, read-only or unwritable place now
     names_given = _read_labels(labels)  # read early: a bad labels file should not cost an export
