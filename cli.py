@@ -374,8 +374,10 @@ def demo(
 ) -> None:
     """Run the whole toolchain on a Dyn-Perceiver trained on scikit-learn's digits."""
     from edgeperceiver.apps.demo import run_demo
+    from edgeperceiver.apps.progress_bar import progress_bars
 
-    report = run_demo(out, echo=(lambda _line: None) if as_json else typer.echo, threads=threads)
+    with progress_bars(enabled=not as_json) as bars:
+        report = run_demo(out, echo=(lambda _line: None) if as_json else typer.echo, threads=threads, progress=bars)
     if as_json:
         _echo_json({"out": str(out), "bundle": str(out / "bundle"), **_fields(report)})
 

@@ -180,3 +180,38 @@ def test_options_are_enums_and_entry_spellings(
     assert json.loads(text)["reason"] == "named"
     code, _, err = _cli(capsys, "run", bundle, tmp_path / "x.npy", "--entry", "openvino-int8")
     assert code == 6 and "no target 'openvino-int8'" in err
+
+
+def _cli_process(*args: object, tty: bool) -> str:
+    """Run the installed command in a subprocess, on a pseudo-terminal (``script``) or a pipe."""
+    import shutil
+    import subprocess
+    import sys
+
+    cmd = [str(Path(sys.executable).parent / "edgeperceiver"), *map(str, args)]
+    if tty:
+        if shutil.which("script") is None:
+            pytest.skip("util-linux 'script' (a pseudo-terminal) is not installed")
+        import shlex
+
+        cmd = ["script", "-qec", shlex.join(cmd), "/dev/null"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return (proc.stdout + proc.stderr).replace("\r", "")
+
+
+def test_progress_bars_on_a_terminal_only(tmp_path: Path) -> None:
+    from bundles import make_toy_bundle, toy_inputs
+
+    from edgeperceiver.runtime import load
+
+    root = make_toy_bundle(tmp_path / "b", logit_scale=4.0)
+    x = toy_inputs(60, seed=2)
+    np.savez(tmp_path / "held.npz", x=x, y=load(root, "onnxruntime-fp32").all_exits(x)[-1].argmax(1))
+    args = ("calibrate", root, "--data", tmp_path / "held.npz", "--max-drop", "5")
+    on_terminal = _cli_process(*args, tty=True)
+    assert "running every exit" in on_terminal and "60/60" in on_terminal  # the collection's bar
+    piped = _cli_process(*args, tty=False)
+    assert "running every exit" not in piped and "calibrated onnxruntime-fp32" in piped
+    doc = json.loads(_cli_process(*args, "--json", tty=True))  # --json: the document alone, even on a terminal
+    assert doc["entry"] == "onnxruntime-fp32"

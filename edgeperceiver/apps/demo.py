@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from edgeperceiver.errors import CalibrationError
+from edgeperceiver.progress import Progress, StageProgress
 from edgeperceiver.timing import interleaved
 from edgeperceiver.types import Precision, TargetName
 
@@ -101,8 +102,13 @@ def run_demo(
     seed: int = 0,
     rounds: int = 5,
     threads: int = DEMO_THREADS,
+    progress: StageProgress | None = None,
 ) -> DemoReport:
-    """Run the demo in ``out`` (created; its bundle is replaced) and return its report."""
+    """Run the demo in ``out`` (created; its bundle is replaced) and return its report.
+
+    ``echo`` gets the step lines and tables; ``progress(stage, done, total)`` the progress of
+    the long steps (threshold collection per target, the timed runs).
+    """
     import edgeperceiver.calibration as cal
     from edgeperceiver.bundle import Bundle
     from edgeperceiver.data import split_fit_check
@@ -143,7 +149,9 @@ def run_demo(
     echo(f"[4/5] calibrate each target for max-drop {max_drop} points")
     results = []
     for key in keys:
-        result = cal.calibrate(bundle_dir, heldout_dir, target=key, goal=cal.MaxDrop(max_drop), seed=seed)
+        stages = None if progress is None else partial(_prefixed, progress, key)
+        result = cal.calibrate(bundle_dir, heldout_dir, target=key, goal=cal.MaxDrop(max_drop), seed=seed,
+                               progress=stages)  # fmt: skip
         results.append(result)
         echo(_indent(result.render()))
 
@@ -155,8 +163,9 @@ def run_demo(
     _, check = split_fit_check(data.y, len(data), 0.5, seed)
     x, y = data.x[check], data.y[check]
     goal = f"max-drop {max_drop}"
+    timing = None if progress is None else partial(progress, "timed runs")
     rows = _measure(bundle_dir, {k: r.thresholds.values for k, r in zip(keys, results, strict=True)}, x, y, goal,
-                    rounds, threads)
+                    rounds, threads, progress=timing)  # fmt: skip
     exit_accuracy: list[tuple[str, tuple[float, ...]]] = []
     plots: list[Path] = []
     for key, result in zip(keys, results, strict=True):
@@ -184,6 +193,8 @@ def _measure(
     goal: str,
     rounds: int = 5,
     threads: int = DEMO_THREADS,
+    *,
+    progress: Progress | None = None,
 ) -> list[DemoRow]:
     """Mean latency per image at batch 1, per target (``thresholds``' keys) under both policies.
 
@@ -206,7 +217,9 @@ def _measure(
         for i in range(x.shape[0]):
             runner.predict(x[i : i + 1], thresholds=th)
 
-    passes = interleaved({job: partial(one_pass, *jobs[job]) for job in jobs}, repeats=rounds, warmup=0)
+    passes = interleaved(
+        {job: partial(one_pass, *jobs[job]) for job in jobs}, repeats=rounds, warmup=0, progress=progress
+    )
     rows = []
     for (key, policy), (runner, th) in jobs.items():
         exits = preds[(key, policy)].exits
@@ -219,3 +232,8 @@ def _measure(
 
 def _indent(text: str) -> str:
     return "\n".join("      " + line for line in text.splitlines())
+
+
+def _prefixed(progress: StageProgress, prefix: str, stage: str, done: int, total: int) -> None:
+    """Report ``stage`` of one target as ``"<prefix>: <stage>"``."""
+    progress(f"{prefix}: {stage}", done, total)

@@ -22,6 +22,12 @@ LABELS = {
 }
 
 
+def label(stage: str) -> str:
+    """The readable name of a stage key; ``"prefix: key"`` keeps its prefix."""
+    prefix, sep, key = stage.rpartition(": ")
+    return f"{prefix}{sep}{LABELS.get(key, key)}"
+
+
 def interactive(stream: TextIO | None = None) -> bool:
     """Whether bars should be drawn: stdout and stderr are both terminals."""
     streams = (sys.stdout, sys.stderr) if stream is None else (stream,)
@@ -38,7 +44,7 @@ class RichStages:
     def __call__(self, stage: str, done: int, total: int) -> None:
         task = self._tasks.get(stage)
         if task is None:
-            task = self._tasks[stage] = self._bars.add_task(LABELS.get(stage, stage), total=max(total, 1))
+            task = self._tasks[stage] = self._bars.add_task(label(stage), total=max(total, 1))
         self._bars.update(task, completed=min(done, total), total=max(total, 1))
 
     def stage(self, name: str) -> Any:
@@ -56,7 +62,7 @@ def progress_bars(enabled: bool = True) -> Iterator[RichStages | None]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bars = Progress(
-        TextColumn("{task.description:<24}"),
+        TextColumn("{task.description:<40}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
