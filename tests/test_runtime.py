@@ -400,7 +400,12 @@ def test_ort_session_options() -> None:
 
     so = OrtBackend(threads=2).session_options()
     assert so.intra_op_num_threads == 2
-    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    # ORT's default spinning, stopped when each run returns (segments never spin against each other)
+    assert so.get_session_config_entry("session.force_spinning_stop") == "1"
+    with pytest.raises(RuntimeError, match="allow_spinning"):  # not set: ORT's default
+        so.get_session_config_entry("session.intra_op.allow_spinning")
+    off = OrtBackend(spin=False).session_options()
+    assert off.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert OrtBackend(spin=True).session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"
     import onnxruntime as ort
 

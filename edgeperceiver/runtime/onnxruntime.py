@@ -1,21 +1,31 @@
 """ONNX Runtime backend: one ``InferenceSession`` per segment, tensors stay in host memory.
 
-Session options: ``intra_op_num_threads`` (``threads``), graph optimisation level ALL,
-sequential execution, and optionally a cache of ORT-optimised models (``cache_dir``,
-keyed by the artifact's sha256, the ORT version and the providers; level-ALL models may be
-specific to the CPU they were optimised on, so keep the cache on the device).
-Intra-op threads do not busy-wait by default (``spin=False``): each segment session owns
-a thread pool, and threads still spinning after one segment finished compete with the
-next segment's threads. Measured on the 2-core machine while other jobs ran (reg800m,
-2 threads, batch 1): spinning made the monolithic model 335-358 ms instead of 36-72 ms and
-the chained segments 275-287 ms instead of 44-74 ms. ``spin=True`` may shave a little
-latency on an idle CPU dedicated to this process.
+Session options: graph optimisation level ALL, sequential execution, and optionally a cache
+of ORT-optimised models (``cache_dir``, keyed by the artifact's sha256, the ORT version and
+the providers; level-ALL models may be specific to the CPU they were optimised on, so keep
+the cache on the device).
+
+Intra-op threads (``pool``):
+
+- ``"session"`` (default): each segment session owns a pool of ``threads`` threads. Its idle
+  threads spin as in ONNX Runtime's defaults, but stop spinning when a ``run`` returns
+  (``session.force_spinning_stop``), so one segment's spinning threads never compete with
+  the next segment's. ``spin=False`` turns spinning off altogether (a CPU shared with other
+  busy processes); ``spin=True`` keeps ORT's plain spinning, which makes the segments
+  compete.
+- ``"shared"``: one process-wide intra-op pool of ``threads`` threads that every segment
+  session uses (``set_global_thread_pool_sizes`` before ONNX Runtime's environment exists,
+  ``use_per_session_threads = False``). Once it exists, every ONNX Runtime session the
+  process opens afterwards must use it (ONNX Runtime refuses a per-session pool next to a
+  global one, in this package and in any other code of the process), so it suits a process
+  that only serves bundles. Asking for it with another size, or after other code made
+  ONNX Runtime's global pool, is a :class:`~edgeperceiver.errors.TargetError` naming the
+  cause. Spinning follows ONNX Runtime's defaults (on).
+- ``"auto"``: ``"shared"`` when this process already has the global pool, else ``"session"``.
 
 Backend arrays are plain numpy arrays: ``InferenceSession.run`` takes and returns them.
 Keeping the carried tensors as ``OrtValue``s (``run_with_ort_values``) measured slower:
-wrapping and unwrapping costs ~50 us per segment call, more than it saves in copies (the
-demo model, batch 1, one thread: 1.22 vs 1.02 ms per image through the runtime; reg800m at
-2 threads: 24.56 vs 24.44 ms, one interleaved run each).
+wrapping and unwrapping costs ~50 us per segment call, more than it saves in copies.
 
 ``onnxruntime`` is imported when the backend is created, never at module import.
 ORT sessions are safe to ``run`` from several threads at once (``thread_safe = True``).
@@ -25,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +55,41 @@ class OrtConfig:
     threads: int | None = None  #: intra-op threads; None = ONNX Runtime's default (all cores)
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     cache_dir: str | None = None  #: where ORT-optimised models are kept; None = no cache
-    spin: bool = False  #: let idle intra-op threads busy-wait (only on an idle, dedicated CPU)
+    #: idle intra-op threads busy-wait: None = ORT's default (on; per-session pools stop
+    #: after each run), False = never, True = always (per-session pools then compete)
+    spin: bool | None = None
+    pool: str = "session"  #: "session" (one pool per segment session) or "shared" (one per process)
+
+
+POOLS = ("auto", "session", "shared")
+_GLOBAL_LOCK = threading.Lock()
+_global_pool: int | None = None  #: intra-op size of the process-wide pool this module made (0 = ORT's default)
+
+
+def shared_pool_size() -> int | None:
+    """The intra-op size of the process-wide pool made here (0 = ORT's default), or None."""
+    return _global_pool
+
+
+def _ensure_shared_pool(threads: int | None) -> None:
+    """Make ONNX Runtime's process-wide intra-op pool of ``threads`` (once), or say why it cannot be."""
+    global _global_pool
+    size = 0 if threads is None else int(threads)
+    with _GLOBAL_LOCK:
+        if _global_pool is not None:
+            if _global_pool != size:
+                raise TargetError(
+                    f"ONNX Runtime's shared thread pool already has {_global_pool or 'the default number of'} "
+                    f"threads in this process and cannot change; threads={threads} needs a process of its own")
+            return
+        from onnxruntime.capi import _pybind_state
+
+        try:
+            _pybind_state.set_global_thread_pool_sizes(size, 1)
+        except Exception as exc:  # ORT's Fail: the global pools exist already (made elsewhere)
+            raise TargetError("ONNX Runtime's global thread pool was made outside edgeperceiver in this process "
+                              f"and its size cannot change ({exc}); open the bundle in a process of its own") from exc
+        _global_pool = size
 
 
 class OrtBackend:
@@ -62,10 +107,13 @@ class OrtBackend:
         providers: Sequence[str] | None = None,
         *,
         cache_dir: str | os.PathLike[str] | None = None,
-        spin: bool = False,
+        spin: bool | None = None,
+        pool: str = "session",
     ) -> None:
         if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
             raise InputError(f"threads must be a positive integer, not {threads!r}")
+        if pool not in POOLS:
+            raise InputError(f"ONNX Runtime pool must be one of {', '.join(POOLS)}, not {pool!r}")
         self.ort = require("onnxruntime", purpose="running a bundle on ONNX Runtime")
         available = tuple(self.ort.get_available_providers())
         chosen = tuple(providers) if providers else ("CPUExecutionProvider",)
@@ -76,8 +124,14 @@ class OrtBackend:
             threads=None if threads is None else int(threads),
             providers=chosen,
             cache_dir=None if cache_dir is None else str(cache_dir),
-            spin=bool(spin),
+            spin=None if spin is None else bool(spin),
+            pool="shared" if pool == "shared" or (pool == "auto" and _global_pool is not None) else "session",
         )
+        if self.config.pool == "shared":
+            _ensure_shared_pool(self.config.threads)
+        elif _global_pool is not None:
+            raise TargetError("this process has ONNX Runtime's shared thread pool, and ONNX Runtime opens no "
+                              "session with a pool of its own next to it: use pool='shared' or 'auto'")
 
     def from_host(self, array: np.ndarray) -> Any:
         return array
@@ -95,10 +149,16 @@ class OrtBackend:
         so = self.ort.SessionOptions()
         so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = self.ort.ExecutionMode.ORT_SEQUENTIAL
-        if self.config.threads is not None:
+        if self.config.pool == "shared":
+            so.use_per_session_threads = False
+        elif self.config.threads is not None:
             so.intra_op_num_threads = self.config.threads
             so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.config.spin else "0")
+        spin = self.config.spin
+        if spin is not None:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        if spin is None and self.config.pool == "session":
+            so.add_session_config_entry("session.force_spinning_stop", "1")
         so.log_severity_level = 3
         return so
 
