@@ -191,6 +191,13 @@ def compile_(
     option: Annotated[
         list[str] | None, typer.Option("--option", "-O", help="Backend option KEY=VALUE (repeatable).")
     ] = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="Run every step before the engine build, without the engine "
+                           "library (tensorrt); exit 0 when ready, 1 with the reasons.")
+    ] = False,
+    dla_core: Annotated[
+        int | None, typer.Option("--dla-core", help="TensorRT on Jetson: build for this DLA core (GPU fallback).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Quantize (INT8) and compile every segment for a target; atomic."""
@@ -203,6 +210,19 @@ def compile_(
         if not sep:
             raise InputError(f"--option expects KEY=VALUE, got {item!r}")
         opts[key] = value
+    if dla_core is not None:
+        opts["dla_core"] = str(dla_core)
+    if check:
+        from edgeperceiver.targets import check_bundle
+
+        result = check_bundle(bundle, target, precision, calib_data=calib_data, calib_samples=calib_samples,
+                              options=opts)
+        if as_json:
+            _echo_json({"bundle": str(bundle), "ready": result.ready, "lines": result.lines,
+                        "problems": result.problems})
+        else:
+            typer.echo(result.render())
+        raise typer.Exit(0 if result.ready else 1)
     with status(f"compiling {target.value}-{precision.value}", enabled=not as_json):
         entry = compile_bundle(
             bundle, target, precision, calib_data=calib_data, calib_samples=calib_samples, options=opts

@@ -7,7 +7,7 @@ Two paths, both here so that every target quantizes the same way:
   segments, so every exit and every target (OpenVINO, TensorRT, ONNX Runtime) consumes the
   same quantizers. :func:`split_shared_quantizers` makes every QuantizeLinear feed exactly
   one DequantizeLinear first, so a cut can never separate a Q from its DQ, and
-  :func:`check_qdq_segments` proves it on the segments.
+  :func:`edgeperceiver.passes.qdq_check.check_qdq_segments` proves it on the segments.
 - :func:`nncf_quantize` quantizes any model NNCF accepts (an ``openvino.Model`` segment
   with calibration feeds produced by running the earlier segments, for instance).
 
@@ -17,7 +17,7 @@ Heavy modules (onnx, nncf) are imported inside the functions.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,8 @@ import numpy as np
 
 from ._optional import require
 from .errors import InputError
+from .options import parse_options
+from .passes.qdq_check import check_qdq_segments
 
 if TYPE_CHECKING:  # pragma: no cover
     from .bundle import Manifest
@@ -249,30 +251,6 @@ def split_shared_quantizers(model: Any) -> Any:
     return out
 
 
-def check_qdq_segments(segments: Iterable[Any]) -> None:
-    """Raise :class:`~edgeperceiver.errors.ExportError` if a cut separated a Q from its DQ.
-
-    A segment may neither receive nor produce an integer tensor made by a QuantizeLinear.
-    """
-    onnx = require("onnx")
-    from .errors import ExportError
-
-    int_types = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
-    for k, seg in enumerate(segments, start=1):
-        graph = seg.graph
-        inits = {i.name for i in graph.initializer}
-        for vi in list(graph.input) + list(graph.output):
-            if vi.name not in inits and vi.type.tensor_type.elem_type in int_types:
-                raise ExportError(
-                    f"segment {k}: {vi.name!r} crosses the cut as an integer tensor "
-                    "(a QuantizeLinear and its DequantizeLinear were split)"
-                )
-        produced = {o for n in graph.node for o in n.output} | inits
-        for node in graph.node:
-            if node.op_type == "DequantizeLinear" and node.input[0] not in produced:
-                raise ExportError(f"segment {k}: DequantizeLinear {node.name!r} reads a tensor from another segment")
-
-
 def quantized_op_count(model: Any) -> int:
     """Number of QuantizeLinear nodes in an ONNX model (0 = not quantized)."""
     return sum(1 for n in model.graph.node if n.op_type in _QUANT_OPS)
@@ -325,51 +303,17 @@ def exit_agreement(
     return rows
 
 
-def coerce_option(name: str, value: Any, default: Any) -> Any:
-    """Turn a CLI string (``--option key=value``) into the type of the option's default.
-
-    bool: true/false/yes/no/1/0; int; ``None`` default: an int or "none"; tuple: comma list.
-    Non-string values are returned unchanged (library callers pass real types).
-    """
-    if not isinstance(value, str):
-        return value
-    text = value.strip()
-    try:
-        if isinstance(default, bool):
-            low = text.lower()
-            if low in ("true", "yes", "1", "on"):
-                return True
-            if low in ("false", "no", "0", "off"):
-                return False
-            raise ValueError(text)
-        if isinstance(default, int):
-            return int(text)
-        if default is None:
-            return None if text.lower() in ("", "none", "auto") else int(text)
-        if isinstance(default, tuple):
-            return tuple(p.strip() for p in text.split(",") if p.strip())
-    except ValueError:
-        raise InputError(f"option {name}={value!r}: expected a value like {default!r}") from None
-    return text
-
-
 def options_to(cls: Any, options: Mapping[str, Any], *, nested: str = "quant") -> Any:
-    """Build the frozen options dataclass ``cls`` (with a ``QuantizeConfig`` field ``nested``)."""
-    import dataclasses
+    """A target's options dataclass ``cls`` with a :class:`QuantizeConfig` field ``nested``.
 
-    quant_fields = {f.name: f for f in dataclasses.fields(QuantizeConfig)}
-    own_fields = {f.name: f for f in dataclasses.fields(cls) if f.name != nested}
-    unknown = sorted(set(options) - set(quant_fields) - set(own_fields))
-    if unknown:
-        raise InputError(f"unknown option(s) {unknown}; known: {sorted(set(own_fields) | set(quant_fields))}")
-
-    def default(f: Any) -> Any:
-        return f.default if f.default is not dataclasses.MISSING else f.default_factory()
-
-    quant = QuantizeConfig(**{k: coerce_option(k, v, default(quant_fields[k]))
-                              for k, v in options.items() if k in quant_fields})
-    own = {k: coerce_option(k, v, default(own_fields[k])) for k, v in options.items() if k in own_fields}
-    threads = own.get("threads")
-    if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
+    Parsed by the one option parser (:func:`edgeperceiver.options.parse_options`); a
+    ``threads`` option must be a positive integer.
+    """
+    threads = options.get("threads")
+    if isinstance(threads, bool):
         raise InputError(f"threads must be a positive integer, not {threads!r}")
-    return cls(**{nested: quant}, **own)
+    out = parse_options(cls, options, nested=nested)
+    count = getattr(out, "threads", None)
+    if count is not None and int(count) < 1:
+        raise InputError(f"threads must be a positive integer, not {threads!r}")
+    return out

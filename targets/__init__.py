@@ -64,6 +64,46 @@ def compile_bundle(
     return entry
 
 
+def check_bundle(
+    bundle: str | os.PathLike[str],
+    target: TargetName,
+    precision: Precision,
+    *,
+    calib_data: str | os.PathLike[str] | np.ndarray | None = None,
+    calib_samples: int = 300,
+    options: Mapping[str, Any] | None = None,
+) -> Any:
+    """Run every step before the engine build (no engine library needed); a report with ``ready``.
+
+    Only TensorRT has such a check (its engines are built on the device). With
+    ``calib_data`` an INT8 check also makes the bundle's quantization stage and keeps it
+    (when the check passes), so the device build does not quantize again.
+    """
+    if precision not in SUPPORTED[target]:
+        have = ", ".join(p.value for p in SUPPORTED[target])
+        raise InputError(f"target {target.value} does not support precision {precision.value} (supported: {have})")
+    if target is not TargetName.TENSORRT:
+        raise InputError(f"--check is available for the tensorrt target only, not {target.value}")
+    check_target = importlib.import_module(f"edgeperceiver.targets.{target.value}").check_target
+    try:
+        with edit_bundle(bundle) as writer:
+            calib = None if calib_data is None else _calibration_inputs(writer, calib_data, calib_samples)
+            report = check_target(writer, precision, calib=calib, options=dict(options or {}))
+            if not report.ready:
+                raise _Discard(report)
+    except _Discard as stop:
+        return stop.report
+    return report
+
+
+class _Discard(Exception):
+    """Leaves the bundle edit without writing anything (a failed check)."""
+
+    def __init__(self, report: Any) -> None:
+        super().__init__("check failed")
+        self.report = report
+
+
 def _calibration_inputs(
     writer: BundleWriter, data: str | os.PathLike[str] | np.ndarray, limit: int
 ) -> np.ndarray:

@@ -3,10 +3,10 @@
 - FP32: the bundle's raw segments (``segments/seg{k}.onnx``) are the artifacts; ONNX
   Runtime optimises them when a session opens (the runtime can cache that, see
   ``OrtBackend(cache_dir=...)``), so nothing is duplicated.
-- INT8: the whole multi-exit graph is quantized once (NNCF, QDQ, calibrated on ``calib``
-  images, :func:`edgeperceiver.quantize.quantize_qdq`), then cut like the FP32 graph:
-  ``onnxruntime-int8/seg{k}.onnx`` and ``onnxruntime-int8/model.onnx``. The same QDQ
-  segments are what OpenVINO and TensorRT consume.
+- INT8: the segments of the bundle's quantization stage
+  (:func:`edgeperceiver.quant_stage.ensure_quantized`: the whole multi-exit graph quantized
+  once with NNCF into QDQ, calibrated on ``calib`` images, then cut like the FP32 graph),
+  made now or reused. TensorRT INT8 builds from the same stage.
 
 The entry's metadata holds the compile report: per exit, top-1 agreement and max |logit
 difference| against the FP32 segments on the calibration images (INT8), and each
@@ -15,7 +15,6 @@ segment's measured batch-1 latency.
 
 from __future__ import annotations
 
-import shutil
 import statistics
 import sys
 import time
@@ -29,7 +28,8 @@ import numpy as np
 from edgeperceiver._optional import require
 from edgeperceiver.bundle import BundleWriter, Manifest, TargetEntry
 from edgeperceiver.errors import InputError, TargetError
-from edgeperceiver.quantize import QuantizeConfig, check_calibration, exit_agreement, options_to, qdq_segments
+from edgeperceiver.quant_stage import ensure_quantized
+from edgeperceiver.quantize import QuantizeConfig, check_calibration, exit_agreement, options_to
 from edgeperceiver.timing import recorder, take_turns
 from edgeperceiver.types import Precision, TargetName
 
@@ -77,24 +77,15 @@ def compile_target(
         if calib is None:
             raise InputError("INT8 needs calibration images (--calib-data)")
         calib = check_calibration(calib, manifest.input.shape)
-        log(f"quantizing INT8 (QDQ, whole graph) on {calib.shape[0]} calibration images ...")
         t0 = time.perf_counter()
-        qmodel, segs = qdq_segments(writer.dir / manifest.model_path, manifest, calib, opts.quant)
+        stage = ensure_quantized(writer, calib, opts.quant, log=log)
         metadata["quantization"] = {**opts.quant.describe(), "calibration_images": int(calib.shape[0]),
-                                    "format": "QDQ"}
+                                    "format": stage.format, "stage": stage.model.rpartition("/")[0],
+                                    "tool": stage.tool, "calibration_sha256": stage.calibration_sha256}
         metadata["quantize_seconds"] = round(time.perf_counter() - t0, 1)
-        out_dir = f"{TargetName.ONNXRUNTIME.value}-{precision.value}"
-        # staged files may be hard links to the live bundle: drop old links, write new inodes
-        shutil.rmtree(writer.dir / out_dir, ignore_errors=True)
-        rels = []
-        for k, seg in enumerate(segs, start=1):
-            rel = f"{out_dir}/seg{k}.onnx"
-            writer.replace_file(rel, seg.SerializeToString())
-            rels.append(rel)
-        mono = f"{out_dir}/model.onnx"
-        writer.replace_file(mono, qmodel.SerializeToString())
-        paths = tuple(rels)
-        run_paths = [writer.dir / r for r in rels]
+        mono = stage.model
+        paths = stage.segments
+        run_paths = [writer.dir / r for r in paths]
     else:
         raise InputError(f"ONNX Runtime builds fp32 or int8, not {precision.value}")
 

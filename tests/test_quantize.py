@@ -16,10 +16,10 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from edgeperceiver.bundle import Bundle  # noqa: E402
 from edgeperceiver.errors import ExportError, InputError  # noqa: E402
+from edgeperceiver.passes.qdq_check import check_qdq_segments  # noqa: E402
 from edgeperceiver.quantize import (  # noqa: E402
     QuantizeConfig,
     check_calibration,
-    check_qdq_segments,
     exit_agreement,
     qdq_segments,
     quantize_qdq,

@@ -20,6 +20,7 @@ from bundles import make_toy_bundle, run_in_threads, toy_inputs
 from edgeperceiver.bundle import Bundle, Thresholds
 from edgeperceiver.errors import BundleError, InputError, MissingDependencyError, TargetError
 from edgeperceiver.runtime import Runner, load, scores
+from edgeperceiver.runtime.backend import BackendBase, SessionBase
 from edgeperceiver.runtime.backends import create_backend
 from edgeperceiver.runtime.cli_support import render_rows, run_inputs, to_rows
 from edgeperceiver.runtime.criteria import evaluate
@@ -311,7 +312,7 @@ def test_ort_optimized_model_cache(tmp_path: Path, toy: Path, x: np.ndarray) -> 
         np.testing.assert_allclose(ea, eb, rtol=0, atol=1e-5)
 
 
-class _UnsafeBackend:
+class _UnsafeBackend(BackendBase):
     """Wraps ORT sessions with a checker that fails if two threads run one session at once."""
 
     name = "unsafe"
@@ -325,7 +326,7 @@ class _UnsafeBackend:
         outer = self
         busy = threading.Lock()
 
-        class S:
+        class S(SessionBase):
             def run(self, feeds):
                 if not busy.acquire(blocking=False):
                     outer.overlaps += 1

@@ -2,11 +2,14 @@
 
 Engine building and running are in ``test_tensorrt_gpu.py`` (marker ``gpu``); fp16
 casting with fp32 islands in ``test_tensorrt_fp16.py``; static typing against the
-TensorRT stubs in ``test_tensorrt_typing.py``.
+TensorRT stubs in ``test_tensorrt_typing.py``; the session's bookkeeping against an
+in-memory CUDA/TensorRT stand-in in ``test_tensorrt_standin.py``; the INT8 graph passes
+and ``compile --check`` in ``test_tensorrt_int8.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -24,33 +27,30 @@ from edgeperceiver.bundle import (
     BundleWriter,
     Manifest,
     Preprocess,
+    QuantizedGraph,
     SegmentSpec,
     TargetEntry,
     TensorSpec,
 )
 from edgeperceiver.errors import InputError, MissingDependencyError, TargetError
-from edgeperceiver.runtime.tensorrt import (
-    BuildLog,
-    DeviceArray,
+from edgeperceiver.passes.qdq_check import qdq_problems
+from edgeperceiver.runtime.tensorrt_device import (
     DeviceFacts,
     check_engine_compatible,
-    dims_tuple,
     engine_incompatibilities,
-    gather_copy_plan,
-    make_trt_logger,
-    numpy_dtype,
+    host_platform,
+    jetpack_of,
+    jetson_module,
     parse_compute_capability,
     parse_tegra_release,
+    strongly_typed_default,
 )
-from edgeperceiver.targets.tensorrt import (
-    BuildOptions,
-    cache_file_name,
-    onnx_nodes_of_layer,
-    profile_shapes,
-    qdq_problems,
-    segment_sources,
-    user_cache_dir,
-)
+from edgeperceiver.runtime.tensorrt_log import BuildLog, make_trt_logger
+from edgeperceiver.runtime.tensorrt_memory import DeviceArray, dims_tuple, gather_copy_plan, numpy_dtype
+from edgeperceiver.targets.tensorrt_build import onnx_nodes_of_layer
+from edgeperceiver.targets.tensorrt_options import BuildOptions, profile_shapes
+from edgeperceiver.targets.tensorrt_prepare import segment_sources
+from edgeperceiver.targets.tensorrt_report import cache_file_name, user_cache_dir
 from edgeperceiver.types import Precision, TargetName
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ def test_compile_without_tensorrt_names_the_extra(tmp_path: Path) -> None:
 )
 def test_stub_only_tensorrt_counts_as_missing() -> None:
     """``tensorrt-stubs`` makes ``import tensorrt`` succeed as an empty namespace package."""
-    from edgeperceiver.runtime.tensorrt import import_tensorrt
+    from edgeperceiver.runtime.tensorrt_device import import_tensorrt
 
     with pytest.raises(MissingDependencyError, match="only as type stubs"):
         import_tensorrt()
@@ -120,6 +120,8 @@ def test_stub_only_tensorrt_counts_as_missing() -> None:
 def test_build_options_defaults_and_cli_strings() -> None:
     opts = BuildOptions.from_mapping({})
     assert (opts.max_batch, opts.opt, opts.strongly_typed, opts.workspace_mb) == (32, 8, None, 1024)
+    assert (opts.int8_fp16, opts.fp16_carried, opts.dla_core, opts.quant.preset) == (True, True, None, "performance")
+    assert BuildOptions.from_mapping({"dla_core": "1", "preset": "mixed"}).quant.preset == "mixed"
     opts = BuildOptions.from_mapping({"max_batch": "4", "strongly_typed": "true", "int8_fp16": "0"})
     assert (opts.max_batch, opts.opt, opts.strongly_typed, opts.int8_fp16) == (4, 4, True, False)
     assert BuildOptions.from_mapping({"max_batch": 16, "opt_batch": "2"}).opt == 2
@@ -136,6 +138,8 @@ def test_build_options_defaults_and_cli_strings() -> None:
         ({"strongly_typed": "maybe"}, "true or false"),
         ({"optimization_level": 9}, "optimization_level"),
         ({"workspace_mb": 1}, "workspace_mb"),
+        ({"dla_core": -1}, "dla_core"),
+        ({"subset_size": "lots"}, "subset_size"),
     ],
 )
 def test_build_options_reject_bad_values(options: dict[str, Any], match: str) -> None:
@@ -239,6 +243,43 @@ def test_parse_tegra_release() -> None:
     text = "# R36 (release), REVISION: 3.0, GCID: 36191598, BOARD: generic, EABI: aarch64, DATE: Mon May  6 2024\n"
     assert parse_tegra_release(text) == "L4T R36.3.0"
     assert parse_tegra_release("Ubuntu 22.04") is None
+    assert jetpack_of("L4T R36.3.0") == "6.0" and jetpack_of("L4T R35.4.1") == "5.1.2" and jetpack_of("x86_64") is None
+
+
+def test_jetson_facts_from_a_device_tree(tmp_path: Path) -> None:
+    """A Jetson is recognised by its release file; the module comes from the device tree."""
+    assert jetson_module(tmp_path) == ""  # no /etc/nv_tegra_release: not a Jetson
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/nv_tegra_release").write_text(
+        "# R36 (release), REVISION: 4.0, GCID: 1, BOARD: generic, EABI: aarch64, DATE: Fri Sep 13 2024\n")
+    (tmp_path / "proc/device-tree").mkdir(parents=True)
+    (tmp_path / "proc/device-tree/model").write_bytes(b"NVIDIA Jetson Orin Nano Developer Kit\x00")
+    assert host_platform(tmp_path) == "L4T R36.4.0"
+    assert jetson_module(tmp_path) == "NVIDIA Jetson Orin Nano Developer Kit"
+
+
+def test_orin_modules_are_told_apart_by_module_name() -> None:
+    """Every Orin reports compute capability 8.7 and the GPU name "Orin"."""
+    agx = DeviceFacts("10.3.0.30", "Orin", (8, 7), "L4T R36.3.0", "NVIDIA Jetson AGX Orin Developer Kit")
+    nano = DeviceFacts("10.3.0.30", "Orin", (8, 7), "L4T R36.3.0", "NVIDIA Jetson Orin Nano Developer Kit")
+    assert engine_incompatibilities(agx, nano) == [f"built on a {agx.module}, this GPU is a {nano.module}"]
+    assert engine_incompatibilities(agx, nano, strict_device=False) == []
+    assert engine_incompatibilities(agx, ORIN) == []  # a build that did not record its module
+    assert DeviceFacts.from_metadata(agx.to_metadata()) == agx
+
+
+@pytest.mark.parametrize(
+    ("version", "requested", "strong"),
+    [("10.3.0.30", None, False), ("10.11.0", None, False), ("10.12.0.36", None, True), ("10.13.3", None, True),
+     ("11.0.0", None, True), ("10.3.0.30", True, True), ("10.13.0", False, False)],
+)
+def test_typing_follows_the_tensorrt_version(version: str, requested: bool | None, strong: bool) -> None:
+    assert strongly_typed_default(version, requested) is strong
+
+
+def test_tensorrt_11_refuses_weak_typing() -> None:
+    with pytest.raises(InputError, match="strongly typed networks only"):
+        strongly_typed_default("11.0.0", False)
 
 
 # --------------------------------------------------------------------------- device arrays, compaction
@@ -377,18 +418,27 @@ def _manifest(targets: dict[str, TargetEntry] | None = None) -> Manifest:
     return Manifest("toy", "onnx", 17, x, 10, Preprocess((8, 8)), (seg1, seg2), targets=targets or {})
 
 
+def _stage(folder: str = "quantized-0123456789ab") -> QuantizedGraph:
+    return QuantizedGraph(f"{folder}/model.onnx", (f"{folder}/seg1.onnx", f"{folder}/seg2.onnx"), "nncf 3.4.0",
+                          "performance", "0" * 64, 300)
+
+
 def test_segment_sources_fp_and_int8() -> None:
+    """INT8 reads the bundle's quantization stage, never another target's entry."""
     m = _manifest()
     assert segment_sources(m, Precision.FP16) == ("segments", ("segments/seg1.onnx", "segments/seg2.onnx"))
-    with pytest.raises(TargetError, match="--target onnxruntime --precision int8 --calib-data"):
+    with pytest.raises(TargetError, match="--target tensorrt --precision int8 --calib-data"):
         segment_sources(m, Precision.INT8)
     rels = ("onnxruntime-int8/seg1.onnx", "onnxruntime-int8/seg2.onnx")
     qdq = TargetEntry(TargetName.ONNXRUNTIME, Precision.INT8, rels)
-    m = _manifest({qdq.key: qdq})
-    assert segment_sources(m, Precision.INT8) == ("onnxruntime-int8", qdq.segments)
+    with pytest.raises(TargetError, match="--target onnxruntime --precision int8"):
+        segment_sources(_manifest({qdq.key: qdq}), Precision.INT8)
+    m = dataclasses.replace(_manifest({qdq.key: qdq}), quantization=_stage())
+    assert segment_sources(m, Precision.INT8) == ("quantized-0123456789ab", _stage().segments)
 
 
 def test_timing_cache_locations(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("EDGEPERCEIVER_CACHE", raising=False)
     assert cache_file_name(ORIN) == "orin-sm87-trt10.3.0.30.cache"
     assert cache_file_name(DeviceFacts("10.7.0", "NVIDIA GeForce RTX 4090", (8, 9))) == (
         "nvidia-geforce-rtx-4090-sm89-trt10.7.0.cache"
@@ -397,6 +447,8 @@ def test_timing_cache_locations(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     assert user_cache_dir(None) == tmp_path / "edgeperceiver" / "tensorrt"
     assert user_cache_dir("none") is None
     assert user_cache_dir(os.fspath(tmp_path / "c")) == tmp_path / "c"
+    monkeypatch.setenv("EDGEPERCEIVER_CACHE", str(tmp_path / "root"))  # the one cache root
+    assert user_cache_dir(None) == tmp_path / "root" / "tensorrt"
 
 
 # --------------------------------------------------------------------------- QDQ compatibility
@@ -461,19 +513,18 @@ def test_compile_int8_refuses_asymmetric_qdq_before_touching_tensorrt(tmp_path: 
 
     (tmp_path / "q").mkdir()
     model = _quantized(tmp_path / "q", symmetric=False)
-    stage = tmp_path / "stage"
-    rels = ("onnxruntime-int8/seg1.onnx", "onnxruntime-int8/seg2.onnx")
-    for rel in rels:
-        (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-        onnx.save(model, str(stage / rel))
-    qdq = TargetEntry(TargetName.ONNXRUNTIME, Precision.INT8, rels)
-    writer = BundleWriter(stage, _manifest({qdq.key: qdq}))
-    with pytest.raises(TargetError, match=r"onnxruntime-int8/seg1.onnx \(segment 1\).*UINT8.*symmetric"):
+    staging = tmp_path / "stage"
+    stage = _stage()
+    for rel in stage.segments:
+        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(model, str(staging / rel))
+    writer = BundleWriter(staging, dataclasses.replace(_manifest(), quantization=stage))
+    with pytest.raises(TargetError, match=r"quantized-0123456789ab/seg1.onnx \(segment 1\).*UINT8.*TensorRT needs"):
         compile_target(writer, Precision.INT8, calib=None, options={})
 
 
 def test_build_report_summarises_the_build_and_its_log() -> None:
-    from edgeperceiver.targets.tensorrt import build_report
+    from edgeperceiver.targets.tensorrt_report import build_report
 
     log = BuildLog()
     log.mark("segment 1: segments/seg1.onnx")

@@ -1,7 +1,7 @@
 """fp16 casting with fp32 islands (the TensorRT strongly typed fp16 path), checked in ONNX Runtime.
 
 TensorRT 11 has no FP16 builder flag: the network's own types decide the precision, so
-``targets.tensorrt.cast_to_fp16`` rewrites the ONNX segments. ONNX Runtime runs the cast
+``edgeperceiver.passes.fp16.cast_to_fp16`` rewrites the ONNX segments. ONNX Runtime runs the cast
 model here (its CPU provider computes fp16 ops through inserted casts, so every fp16
 tensor is really rounded to fp16) and the result must match fp32 within fp16 tolerance.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from edgeperceiver.errors import TargetError
-from edgeperceiver.targets.tensorrt import DEFAULT_FP32_OPS, cast_to_fp16, fp32_island_nodes
+from edgeperceiver.passes.fp16 import DEFAULT_FP32_OPS, cast_to_fp16, fp32_island_nodes
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

@@ -1,11 +1,12 @@
 """Type-check the TensorRT modules against the ``tensorrt-stubs`` package with mypy.
 
 TensorRT itself cannot be installed on development/CI machines, so its API use is checked
-statically. The stubs (10.13.0.35.1) cannot be used by mypy as installed: they put a bare
+statically (both code paths: weakly typed builds for 10.3..10.11, strongly typed ones).
+The stubs (10.13.0.35.1) cannot be used by mypy as installed: they put a bare
 ``tensorrt/__init__.pyi`` into site-packages without ``py.typed`` (mypy skips it as an
 untyped package) and ``tensorrt_bindings/tensorrt.pyi`` has syntax errors (parameters
 named ``in``, a keyword; a parameter without default after defaults). This test copies the
-installed stub files, fixes exactly those two mechanical problems, and runs mypy on our two
+installed stub files, fixes exactly those two mechanical problems, and runs mypy on our
 TensorRT modules with the copy on ``mypy_path``; errors inside the stub files themselves are
 silenced, errors in our code are not.
 """
@@ -23,7 +24,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ("targets/tensorrt.py", "edgeperceiver/runtime/tensorrt.py")
+#: every module that calls TensorRT (the build and the runtime, both typings)
+MODULES = tuple(sorted(str(p.relative_to(ROOT)) for d in ("targets", "edgeperceiver/runtime")
+                       for p in (ROOT / d).glob("tensorrt*.py")))
 
 pytestmark = pytest.mark.slow
 

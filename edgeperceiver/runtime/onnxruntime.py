@@ -46,6 +46,7 @@ import numpy as np
 from .._optional import require
 from ..bundle import Bundle, SegmentSpec, TargetEntry
 from ..errors import InputError, TargetError
+from .backend import BackendBase, SessionBase
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def _ensure_shared_pool(threads: int | None) -> None:
         _global_pool = size
 
 
-class OrtBackend:
+class OrtBackend(BackendBase):
     """Runs ONNX segments with ONNX Runtime (CPU by default; any installed provider).
 
     Backend arrays are numpy arrays.
@@ -198,7 +199,7 @@ class OrtBackend:
         return Path(str(self.config.cache_dir)) / f"{key}.onnx"
 
 
-class OrtSession:
+class OrtSession(SessionBase):
     """One segment's ``InferenceSession``; returns every output by name, as numpy arrays."""
 
     def __init__(self, session: Any, segment: SegmentSpec) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 from ..bundle import BATCH, Bundle, Manifest, SegmentSpec, TargetEntry, Thresholds
 from ..errors import BundleError, InputError
 from ..types import Criterion, TargetName
-from .backend import Backend, Session
+from .backend import Backend, Chain, Session
 from .backends import create_backend
 from .criteria import evaluate
 from .entries import NoThresholdsWarning, choose_entry
@@ -141,7 +141,12 @@ def _live_plan(manifest: Manifest) -> list[frozenset[str]]:
 
 
 class Runner:
-    """Runs a bundle's segments on one backend with per-sample early exit (thread-safe)."""
+    """Runs a bundle's segments on one backend with per-sample early exit (thread-safe).
+
+    Every batch is split to the sessions' ``max_batch`` (TensorRT engines have one), so
+    ``batch_size`` is only a preference. ``close()`` (or ``with load(...) as runner:``)
+    releases the sessions and the backend.
+    """
 
     def __init__(
         self,
@@ -170,14 +175,37 @@ class Runner:
             else self.thresholds.criterion if self.thresholds is not None else Criterion.MAX_SOFTMAX
         )
         self.sessions: tuple[Session, ...] = tuple(backend.open(bundle, entry, s) for s in self.segments)
+        # the largest batch every session accepts: every batch is split to it here
+        limits = [s.max_batch for s in self.sessions if s.max_batch is not None]
+        self.max_batch: int | None = min(limits) if limits else None
         # a backend may bind carried tensors between its own sessions (OpenVINO: zero-copy
         # between infer requests); the runner uses that while every sample goes on
-        make_chain = getattr(backend, "chain", None)
-        self._chain: Any = make_chain(self.sessions, self.manifest.input.name) if callable(make_chain) else None
-        safe = bool(getattr(backend, "thread_safe", False))
+        self._chain: Chain | None = backend.chain(self.sessions, self.manifest.input.name)
         self._locks: tuple[AbstractContextManager[Any], ...] = tuple(
-            nullcontext() if safe else threading.Lock() for _ in self.segments
+            nullcontext() if backend.thread_safe else threading.Lock() for _ in self.segments
         )
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Release the sessions, then the backend (GPU memory and context for TensorRT); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for session in self.sessions:
+            session.close()
+        self.backend.close()
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _step(self, batch_size: int | None = None) -> int:
+        """Samples per engine call: the batch size, capped by the sessions' ``max_batch``."""
+        bs = self.batch_size if batch_size is None else batch_size
+        return bs if self.max_batch is None else min(bs, self.max_batch)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -258,17 +286,19 @@ class Runner:
         th = self._call_thresholds(thresholds)
         forced = self._check_forced(force_exits, x.shape[0])
         parts = []
-        for s in range(0, x.shape[0], self.batch_size):
-            f = None if forced is None else forced[s : s + self.batch_size]
-            parts.append(self._predict_batch(x[s : s + self.batch_size], th, f))
+        step = self._step()
+        for s in range(0, x.shape[0], step):
+            f = None if forced is None else forced[s : s + step]
+            parts.append(self._predict_batch(x[s : s + step], th, f))
         return parts[0] if len(parts) == 1 else Prediction.concat(parts)
 
     def all_exits(self, x: np.ndarray) -> list[np.ndarray]:
         """Every exit's logits for every sample (no early exit): K arrays (N, classes)."""
         x = self.check_input(x)
         chunks: list[list[np.ndarray]] = [[] for _ in self.segments]
-        for s in range(0, x.shape[0], self.batch_size):
-            live: dict[str, Any] = {self.manifest.input.name: self.backend.from_host(x[s : s + self.batch_size])}
+        step = self._step()
+        for s in range(0, x.shape[0], step):
+            live: dict[str, Any] = {self.manifest.input.name: self.backend.from_host(x[s : s + step])}
             for k, seg in enumerate(self.segments):
                 outs = self.run_segment(k, {t.name: live[t.name] for t in seg.inputs})
                 chunks[k].append(np.asarray(self.backend.to_host(outs[seg.exit])))
@@ -281,9 +311,15 @@ class Runner:
     def segment_feeds(self, x: np.ndarray) -> list[dict[str, Any]]:
         """The feeds (backend arrays) each segment receives when all of ``x`` runs every segment.
 
-        For timing one segment in isolation (``run_segment(k, feeds[k])``); ``x`` is one batch.
+        For timing one segment in isolation (``run_segment(k, feeds[k])``); ``x`` is one batch,
+        at most ``max_batch`` samples.
         """
         x = self.check_input(x)
+        if self.max_batch is not None and x.shape[0] > self.max_batch:
+            raise InputError(
+                f"a batch of {x.shape[0]} exceeds the largest batch the {self.entry.key} engines accept "
+                f"({self.max_batch}); time batches of at most {self.max_batch}"
+            )
         live: dict[str, Any] = {self.manifest.input.name: self.backend.from_host(x)}
         feeds = []
         for k, seg in enumerate(self.segments):
@@ -310,10 +346,11 @@ class Runner:
         if isinstance(bs, bool) or bs < 1:
             raise InputError(f"batch_size must be a positive integer, not {bs!r}")
         names: list[str] = []
-        parts = []
+        parts: list[Prediction] = []
+        step = self._step(bs)
         for batch in iter_input_batches(paths, self.manifest.preprocess, bs):
             x = self.check_input(batch.x, batch.names)
-            parts.append(self._predict_batch(x, th, None))
+            parts.extend(self._predict_batch(x[s : s + step], th, None) for s in range(0, x.shape[0], step))
             names.extend(batch.names)
         return tuple(names), parts[0] if len(parts) == 1 else Prediction.concat(parts)
 
