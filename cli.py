@@ -143,10 +143,10 @@ def export(
 ) -> None:
     """Export a multi-exit model to a bundle: ONNX, cut into one segment per exit, verified."""
     from edgeperceiver import export as ex
-    from edgeperceiver.apps.progress_bar import status
+    from edgeperceiver.apps.progress_bar import status, stdout_to_stderr
 
     keep = _ints(exits, "--exits")
-    with status(f"exporting and verifying {out}", enabled=not as_json):
+    with status(f"exporting and verifying {out}", enabled=not as_json), stdout_to_stderr(as_json):
         if module is not None:
             shape = _ints(input_shape, "--input-shape")
             if shape is None or len(shape) != 3:
@@ -201,7 +201,7 @@ def compile_(
     as_json: JsonOpt = False,
 ) -> None:
     """Quantize (INT8) and compile every segment for a target; atomic."""
-    from edgeperceiver.apps.progress_bar import status
+    from edgeperceiver.apps.progress_bar import status, stdout_to_stderr
     from edgeperceiver.targets import compile_bundle
 
     opts: dict[str, str] = {}
@@ -223,7 +223,7 @@ def compile_(
         else:
             typer.echo(result.render())
         raise typer.Exit(0 if result.ready else 1)
-    with status(f"compiling {target.value}-{precision.value}", enabled=not as_json):
+    with status(f"compiling {target.value}-{precision.value}", enabled=not as_json), stdout_to_stderr(as_json):
         entry = compile_bundle(
             bundle, target, precision, calib_data=calib_data, calib_samples=calib_samples, options=opts
         )
@@ -268,7 +268,7 @@ def calibrate(
 ) -> None:
     """Choose per-exit thresholds for a goal on held-out data, measured on the compiled target."""
     import edgeperceiver.calibration as cal
-    from edgeperceiver.apps.progress_bar import progress_bars
+    from edgeperceiver.apps.progress_bar import progress_bars, stdout_to_stderr
     from edgeperceiver.bundle import Bundle
     from edgeperceiver.runtime.entries import last_compiled
 
@@ -278,7 +278,8 @@ def calibrate(
         if not as_json:
             typer.echo(f"calibrating entry {name} (compiled last)", err=True)
     if set_ is not None:
-        manual = cal.set_thresholds(bundle, set_, target=name, criterion=criterion)
+        with stdout_to_stderr(as_json):
+            manual = cal.set_thresholds(bundle, set_, target=name, criterion=criterion)
         if as_json:
             _echo_json({"entry": manual.target, "thresholds": manual.thresholds.values,
                         "criterion": manual.thresholds.criterion, "never_fires": manual.never_fires,
@@ -310,7 +311,7 @@ def calibrate(
         mix = _floats(paper_mix, "--paper-mix")
         assert mix is not None
         goal = cal.PaperMix(mix)
-    with progress_bars(enabled=not as_json) as bars:
+    with progress_bars(enabled=not as_json) as bars, stdout_to_stderr(as_json):
         result = cal.calibrate(
             bundle, data, target=name, goal=goal, criterion=criterion, exits=_ints(exits, "--exits"), seed=seed,
             latency=latency.value, progress=bars,
@@ -337,9 +338,12 @@ def run(
     from edgeperceiver.runtime.criteria import parse_thresholds
 
     th = None if thresholds is None else parse_thresholds(thresholds)
+    from edgeperceiver.apps.progress_bar import stdout_to_stderr
+
     b, choice = _choose_entry(bundle, _entry_name(entry, old_target), quiet=as_json or th is not None)
-    runner = load(b, choice.key)
-    rows = run_inputs(runner, inputs, batch_size=batch_size, thresholds=th)
+    with stdout_to_stderr(as_json):
+        runner = load(b, choice.key)
+        rows = run_inputs(runner, inputs, batch_size=batch_size, thresholds=th)
     if as_json:
         doc = run_document(rows, choice, runner.num_exits)
         if th is not None:
@@ -366,12 +370,12 @@ def bench(
     old_target: OldTargetOpt = None,
 ) -> None:
     """Measure per-segment, per-exit, monolithic and early-exit latency on a target."""
-    from edgeperceiver.apps.progress_bar import progress_bars
+    from edgeperceiver.apps.progress_bar import progress_bars, stdout_to_stderr
     from edgeperceiver.bench import bench as run_bench
 
     sizes = _ints(batch_sizes, "--batch-sizes") or (1,)
     b, choice = _choose_entry(bundle, _entry_name(entry, old_target), quiet=as_json, doing="timing")
-    with progress_bars(enabled=not as_json) as bars:
+    with progress_bars(enabled=not as_json) as bars, stdout_to_stderr(as_json):
         report = run_bench(
             b, choice.key, batch_sizes=sizes, exit_mix=_floats(exit_mix, "--exit-mix"), data=data, repeats=repeats,
             block=block, progress=None if bars is None else bars.stage("bench"),
@@ -394,9 +398,9 @@ def demo(
 ) -> None:
     """Run the whole toolchain on a Dyn-Perceiver trained on scikit-learn's digits."""
     from edgeperceiver.apps.demo import run_demo
-    from edgeperceiver.apps.progress_bar import progress_bars
+    from edgeperceiver.apps.progress_bar import progress_bars, stdout_to_stderr
 
-    with progress_bars(enabled=not as_json) as bars:
+    with progress_bars(enabled=not as_json) as bars, stdout_to_stderr(as_json):
         report = run_demo(out, echo=(lambda _line: None) if as_json else typer.echo, threads=threads, progress=bars)
     if as_json:
         _echo_json({"out": str(out), "bundle": str(out / "bundle"), **_fields(report)})

@@ -215,3 +215,20 @@ def test_progress_bars_on_a_terminal_only(tmp_path: Path) -> None:
     assert "running every exit" not in piped and "calibrated onnxruntime-fp32" in piped
     doc = json.loads(_cli_process(*args, "--json", tty=True))  # --json: the document alone, even on a terminal
     assert doc["entry"] == "onnxruntime-fp32"
+
+
+def test_json_mode_keeps_stdout_for_the_document(capfd: pytest.CaptureFixture[str]) -> None:
+    """With --json, whatever a library prints (through sys.stdout or straight to fd 1) goes to stderr."""
+    import os
+    import sys
+
+    from edgeperceiver.apps.progress_bar import stdout_to_stderr
+
+    with stdout_to_stderr(True):
+        print("library noise")
+        sys.stdout.flush()
+        os.write(1, b"fd noise\n")
+    print('{"ok": true}')
+    out, err = capfd.readouterr()
+    assert json.loads(out) == {"ok": True}
+    assert "library noise" in err and "fd noise" in err

@@ -9,9 +9,10 @@ CI). Bars go to stderr.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from typing import Any, TextIO
 
 #: readable names for the library's stage keys
@@ -82,3 +83,30 @@ def status(message: str, enabled: bool = True) -> Iterator[None]:
 
     with Console(stderr=True).status(message):
         yield
+
+
+@contextmanager
+def stdout_to_stderr(enabled: bool = True) -> Iterator[None]:
+    """Send everything written to stdout while the block runs to stderr (``--json`` mode).
+
+    Third-party libraries print to stdout (NNCF's progress bars, some engines' logs); with
+    ``--json`` the command's stdout must hold the JSON document alone. File descriptor 1 is
+    pointed at stderr too, for writers that bypass ``sys.stdout``.
+    """
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    try:
+        saved: int | None = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no real file descriptors (an embedding host): Python-level only
+        saved = None
+    try:
+        with redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
