@@ -69,7 +69,7 @@ def _compile(bundle: Path, precision: Precision, tmp_path: Path, **options: Any)
 def _reference(bundle: Path, x: np.ndarray) -> list[np.ndarray]:
     from edgeperceiver.runtime.runner import load
 
-    return load(bundle, threads=1).all_exits(x)
+    return load(bundle, "onnxruntime-fp32", threads=1).all_exits(x)
 
 
 def test_fp32_engines_match_onnxruntime(toy: Path, tmp_path: Path, backend: Any) -> None:
@@ -101,7 +101,7 @@ def test_early_exit_compacts_on_the_device(toy: Path, tmp_path: Path, backend: A
     b = Bundle.open(toy)
     x = toy_inputs(8, seed=3)
     trt_runner = Runner(b, b.manifest.target("tensorrt-fp32"), backend, thresholds=[0.5, 0.6, None])
-    ort_runner = load(toy, thresholds=[0.5, 0.6, None], threads=1)
+    ort_runner = load(toy, "onnxruntime-fp32", thresholds=[0.5, 0.6, None], threads=1)
     p_trt, p_ort = trt_runner.predict(x), ort_runner.predict(x)
     np.testing.assert_array_equal(p_trt.exits, p_ort.exits)
     np.testing.assert_array_equal(p_trt.labels, p_ort.labels)
@@ -135,63 +135,49 @@ def test_fp16_engines_are_close_to_fp32(toy: Path, tmp_path: Path, backend: Any)
             assert np.abs(g - r).max() <= 2e-2 * max(1.0, float(np.abs(r).max()))
 
 
-def test_int8_needs_the_qdq_segments(toy: Path, tmp_path: Path) -> None:
+def test_int8_needs_the_quantization_stage(toy: Path) -> None:
+    from edgeperceiver.targets import compile_bundle
+
     with pytest.raises(TargetError, match="--target onnxruntime --precision int8"):
-        _compile(toy, Precision.INT8, tmp_path)
+        compile_bundle(toy, TargetName.TENSORRT, Precision.INT8, options={"max_batch": 8})
 
 
-class _Reader:
-    """ONNX Runtime's CalibrationDataReader contract over a list of feeds."""
-
-    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
-        self.items = iter(feeds)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self.items, None)
-
-
-def _add_qdq_entry(bundle: Path, tmp_path: Path) -> None:
-    """Quantize every toy segment with ONNX Runtime (symmetric signed INT8) as onnxruntime-int8."""
-    import onnx
-    import onnxruntime as ort
-    from onnxruntime import quantization as q
-
-    b = Bundle.open(bundle)
-    x = toy_inputs(16)
-    live: dict[str, np.ndarray] = {b.manifest.input.name: x}
-    rels = []
-    with edit_bundle(bundle) as w:
-        assert w.manifest is not None
-        for seg in w.manifest.segments:
-            feeds = [{t.name: live[t.name][i : i + 1] for t in seg.inputs} for i in range(len(x))]
-
-            rel = f"onnxruntime-int8/seg{seg.index}.onnx"
-            q.quantize_static(
-                str(w.path(seg.path)), str(tmp_path / f"q{seg.index}.onnx"), _Reader(feeds),
-                quant_format=q.QuantFormat.QDQ, activation_type=q.QuantType.QInt8,
-                weight_type=q.QuantType.QInt8, extra_options={"ActivationSymmetric": True},
-            )
-            w.replace_file(rel, onnx.load(str(tmp_path / f"q{seg.index}.onnx")).SerializeToString())
-            rels.append(rel)
-            sess = ort.InferenceSession(str(w.path(seg.path)), providers=["CPUExecutionProvider"])
-            names = [t.name for t in seg.outputs]
-            live.update(zip(names, sess.run(names, {t.name: live[t.name] for t in seg.inputs}), strict=True))
-        entry = TargetEntry(TargetName.ONNXRUNTIME, Precision.INT8, tuple(rels))
-        w.manifest = w.manifest.with_target(entry)
-
-
-def test_int8_engines_from_qdq_segments(toy: Path, tmp_path: Path, backend: Any) -> None:
+def test_int8_engines_from_the_quantization_stage(toy: Path, tmp_path: Path, backend: Any) -> None:
     from edgeperceiver.runtime.runner import Runner
 
-    _add_qdq_entry(toy, tmp_path)
-    entry = _compile(toy, Precision.INT8, tmp_path)
-    assert entry.metadata["source"] == "onnxruntime-int8"
+    entry = _compile(toy, Precision.INT8, tmp_path, subset_size=16)  # NNCF on the toy images: the stage
+    assert entry.metadata["source"].startswith("quantized-")
     b = Bundle.open(toy)
+    assert b.manifest.quantization is not None
     x = toy_inputs(16)
     got = Runner(b, b.manifest.target("tensorrt-int8"), backend).all_exits(x)
     for g, r in zip(got, _reference(toy, x), strict=True):
         assert np.corrcoef(g.ravel(), r.ravel())[0, 1] > 0.95
         assert np.abs(g - r).max() <= 0.25 * max(1.0, float(np.abs(r).max()))
+
+
+def test_runner_splits_batches_and_replays_graphs_on_the_gpu(toy: Path, tmp_path: Path, backend: Any) -> None:
+    """More samples than the engines' max_batch; batch 1 through CUDA graphs; several threads."""
+    from bundles import run_in_threads
+
+    from edgeperceiver.runtime.runner import Runner
+
+    _compile(toy, Precision.FP16, tmp_path)
+    b = Bundle.open(toy)
+    x = toy_inputs(21, seed=4)
+    ref = _reference(toy, x)
+    batched = Runner(b, b.manifest.target("tensorrt-fp16"), backend, batch_size=32)
+    single = Runner(b, b.manifest.target("tensorrt-fp16"), backend, batch_size=1)
+    assert batched.max_batch == 8
+    for got in (batched.all_exits(x), single.all_exits(x)):
+        for g, r in zip(got, ref, strict=True):
+            assert np.abs(g - r).max() <= 2e-2 * max(1.0, float(np.abs(r).max()))
+    want = batched.predict(x)
+
+    def work(i: int) -> None:
+        np.testing.assert_array_equal(batched.predict(x).labels, want.labels)
+
+    assert run_in_threads(work, 4) == []
 
 
 def test_engines_of_another_gpu_are_refused_before_deserializing(toy: Path, tmp_path: Path, backend: Any) -> None:
