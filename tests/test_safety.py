@@ -87,11 +87,15 @@ def test_a_truncated_calibration_cache_is_rebuilt(tmp_path: Path, monkeypatch: p
 def test_one_cache_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from edgeperceiver.fsutil import cache_root
 
+    from edgeperceiver.calibration.collect import cache_dir
+
     monkeypatch.delenv("EDGEPERCEIVER_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_root() == tmp_path / "xdg" / "edgeperceiver"
+    assert cache_dir() == cache_root() / "calibration"  # every cache lives under the one root
     monkeypatch.setenv("EDGEPERCEIVER_CACHE", str(tmp_path / "own"))
     assert cache_root() == tmp_path / "own"
+    assert cache_dir() == tmp_path / "own" / "calibration"
 
 
 # --------------------------------------------------------------------------- 7: external data
