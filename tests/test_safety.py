@@ -85,9 +85,8 @@ def test_a_truncated_calibration_cache_is_rebuilt(tmp_path: Path, monkeypatch: p
 
 
 def test_one_cache_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from edgeperceiver.fsutil import cache_root
-
     from edgeperceiver.calibration.collect import cache_dir
+    from edgeperceiver.fsutil import cache_root
 
     monkeypatch.delenv("EDGEPERCEIVER_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
