@@ -430,6 +430,9 @@ def serve(
     thresholds: Annotated[str | None, typer.Option(help="Override thresholds, e.g. 0.9,off,0.7,0.")] = None,
     threads: Annotated[int, typer.Option(min=1, help="Engine threads per replica.")] = 1,
     replica_cpus: Annotated[float, typer.Option(min=0, help="Ray CPUs reserved per replica.")] = 1.0,
+    haproxy: Annotated[
+        bool, typer.Option(help="HTTP through Ray Serve's HAProxy ingress (a Ray instance started here).")
+    ] = True,
 ) -> None:
     """Serve a bundle over HTTP on Ray Serve: batched requests, per-sample early exit."""
     from edgeperceiver.apps.serve import ServeConfig, serve_bundle
@@ -440,7 +443,7 @@ def serve(
         replicas=replicas, max_batch=max_batch, batch_wait_ms=batch_wait_ms, threads=threads,
         replica_cpus=replica_cpus,
     )  # fmt: skip
-    serve_bundle(config, address=address, host=host, port=port, echo=typer.echo)
+    serve_bundle(config, address=address, host=host, port=port, haproxy=haproxy, echo=typer.echo)
 
 
 def main(argv: list[str] | None = None) -> int:

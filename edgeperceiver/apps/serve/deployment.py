@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,9 @@ class EdgePerceiverModel:
         batcher.set_batch_wait_timeout_s(config.batch_wait_ms / 1000.0)
         self._prefix = config.route_prefix.rstrip("/")
         self._started = time.time()
+        # one thread runs every batch: engines that keep per-thread state (OpenVINO's infer
+        # requests) set it up once, and batches never compete with each other for the cores
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="edgeperceiver-runner")
         self._warm_up()
         self._replica: str | None
         try:
@@ -85,11 +89,19 @@ class EdgePerceiverModel:
             self._replica = None
 
     def _warm_up(self) -> None:
-        """One sample through every segment, so the first request does not pay the engine's set-up."""
+        """Every batch size 1..max_batch through every segment, on the runner's thread.
+
+        Engines set up per batch size (OpenVINO compiles a static-shape model for each one
+        it meets, and compaction meets them all); without this the first minutes of traffic
+        pay those compilations. The replica is ready only after it.
+        """
         dims = self.runner.manifest.input.shape[1:]
-        if all(isinstance(d, int) for d in dims):
-            x = np.zeros((1, *(int(d) for d in dims)), dtype=np.dtype(self.runner.manifest.input.dtype))
-            self.runner.predict(x, thresholds=[None] * self.runner.num_exits)
+        if not all(isinstance(d, int) for d in dims):
+            return
+        x = np.zeros((self.config.max_batch, *(int(d) for d in dims)), dtype=np.dtype(self.runner.manifest.input.dtype))
+        off = [None] * self.runner.num_exits
+        for b in range(1, self.config.max_batch + 1):
+            self._pool.submit(self.runner.predict, x[:b], thresholds=off).result()
 
     # ------------------------------------------------------------------ health
     def check_health(self) -> None:
@@ -206,7 +218,7 @@ class EdgePerceiverModel:
     # the sizes here are replaced per replica from the config (set_max_batch_size ...)
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _predict_batch(self, xs: list[np.ndarray]) -> list[list[dict[str, Any]]]:
-        return await asyncio.to_thread(self._run, xs)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._run, xs)
 
 
 def build_app(config: ServeConfig) -> Any:

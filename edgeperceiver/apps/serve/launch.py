@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,9 @@ from .client import Client
 from .config import ServeConfig
 
 Echo = Callable[[str], None]
+
+#: Ray Serve's switch for its HAProxy ingress (read by the controller when it starts)
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 
 
 def _ray() -> Any:
@@ -29,6 +33,8 @@ def start(
     host: str = "127.0.0.1",
     port: int = 8000,
     num_cpus: int | None = None,
+    haproxy: bool = True,
+    proxy_location: str = "EveryNode",
     ready_timeout: float = 120.0,
 ) -> str:
     """Deploy ``config`` and return the service URL once a replica answers ``/readyz``.
@@ -37,7 +43,14 @@ def start(
     machine); without it a one-machine Ray instance starts in this process (``num_cpus``
     logical CPUs, default: all). Ray's dashboard is not started. The HTTP proxy listens on
     ``host:port`` (Ray Serve keeps the first proxy options a cluster was started with).
+
+    ``haproxy``: a Ray instance started here takes HTTP through Ray Serve's HAProxy
+    ingress (``RAY_SERVE_ENABLE_HA_PROXY=1``), which forwards straight to the replicas; the
+    Python proxy costs several times more CPU per request. A joined cluster keeps the
+    ingress its ``ray start`` chose (set the variable there).
     """
+    if haproxy and address is None:
+        os.environ.setdefault(HAPROXY_ENV, "1")
     ray = _ray()
     from ray import serve
 
@@ -48,7 +61,7 @@ def start(
             ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", configure_logging=True)
         else:
             ray.init(address=address, logging_level="WARNING")
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": port}, proxy_location=proxy_location)
     try:
         serve.run(build_app(config), name=config.name, route_prefix=config.route_prefix, blocking=False)
     except Exception as exc:  # a replica that cannot start: Ray wraps the cause in its own error
@@ -59,18 +72,17 @@ def start(
 
 
 def stop(config: ServeConfig | None = None, *, shutdown: bool = True) -> None:
-    """Delete the application (or every application), then leave Ray."""
+    """Leave Ray: with ``shutdown`` end the Ray instance this process started (every actor,
+    the ingress with them); else delete only ``config``'s application from the cluster."""
     ray = _ray()
     from ray import serve
 
     if not ray.is_initialized():
         return
-    if config is not None and not shutdown:
+    if not shutdown and config is not None:
         serve.delete(config.name)
-    else:
-        serve.shutdown()
-    if shutdown:
-        ray.shutdown()
+    # Serve's own shutdown waits up to 30 s for its controller; ending the instance is immediate
+    ray.shutdown()
 
 
 def serve_bundle(
@@ -79,6 +91,7 @@ def serve_bundle(
     address: str | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
+    haproxy: bool = True,
     echo: Echo = print,
     wait: Callable[[], None] | None = None,
 ) -> None:
@@ -87,7 +100,7 @@ def serve_bundle(
     Joining a cluster (``address``), only this application is deleted on exit; a Ray
     instance started here is shut down with it.
     """
-    url = start(config, address=address, host=host, port=port)
+    url = start(config, address=address, host=host, port=port, haproxy=haproxy)
     info = Client(url).ready()
     th = info["thresholds"]
     echo(f"serving {config.bundle} ({info['entry']}, {info['exits']} exits, thresholds {th}) "
