@@ -40,8 +40,8 @@ class OrtOptions:
 
     quant: QuantizeConfig = field(default_factory=QuantizeConfig)
     threads: int | None = None  #: intra-op threads for the latency report
-    latency_runs: int = 30  #: timed batch-1 runs per segment (0 = skip)
-    report_samples: int = 64  #: calibration images for the agreement report (0 = skip)
+    latency_runs: int = field(default=30, metadata={"min": 0})  #: timed batch-1 runs per segment (0 = skip)
+    report_samples: int = field(default=64, metadata={"min": 0})  #: images for the agreement report (0 = skip)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> OrtOptions:

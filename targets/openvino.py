@@ -86,8 +86,8 @@ class OpenVINOOptions:
     gate_samples: int = 0
     quant: QuantizeConfig = field(default_factory=QuantizeConfig)
     threads: int | None = None  #: threads for the latency report (None = OpenVINO's default)
-    latency_runs: int = 30  #: timed batch-1 runs per segment for the report (0 = skip)
-    report_samples: int = 64  #: calibration images used for the agreement report (0 = skip)
+    latency_runs: int = field(default=30, metadata={"min": 0})  #: timed batch-1 runs per segment (0 = skip)
+    report_samples: int = field(default=64, metadata={"min": 0})  #: images for the agreement report (0 = skip)
     monolithic: bool = True  #: also write the monolithic model (benchmarks, cut cost)
     #: merge the q/k/v (k/v) projections that read the same tokens into one MatMul
     #: (:func:`fuse_projections`; every precision, before quantization)

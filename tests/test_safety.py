@@ -301,6 +301,19 @@ def test_skipped_images_and_empty_classes_are_named(tmp_path: Path) -> None:
     assert len(data) == 24 and data.skipped == (str(root / "a" / "broken.png"),)
 
 
+@pytest.mark.parametrize("target", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("option", ["latency_runs", "report_samples"])
+def test_negative_counts_are_refused_not_dropped(tmp_path: Path, target: str, option: str) -> None:
+    pytest.importorskip(target)
+    from edgeperceiver.targets import compile_bundle
+    from edgeperceiver.types import Precision, TargetName
+
+    root = make_toy_bundle(tmp_path / "b")
+    with pytest.raises(InputError, match=rf"{option} must be an integer >= 0, not '-5'"):
+        compile_bundle(root, TargetName(target), Precision.FP32, options={option: "-5"})
+    assert set(Bundle.open(root).manifest.targets) == {"onnxruntime-fp32"}
+
+
 # --------------------------------------------------------------------------- 14: standalone code and image formats
 
 
