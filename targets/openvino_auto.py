@@ -39,8 +39,9 @@ def measure(
     images: np.ndarray,
     *,
     runs: int,
-) -> tuple[dict[str, Chain], dict[str, tuple[float, ...]], dict[str, list[float]]]:
-    """Every candidate's chain, its median ms per segment (one loop) and per-exit agreement."""
+) -> tuple[dict[str, Chain], dict[str, tuple[float, ...]], dict[str, list[float]], list[np.ndarray]]:
+    """Every candidate's chain, its median ms per segment (one loop), its per-exit agreement, and
+    FP32's logits on ``images``."""
     ref = fp32.exits(images)
     chains: dict[str, Chain] = {}
     agree: dict[str, list[float]] = {}
@@ -50,7 +51,7 @@ def measure(
         agree[name] = [float(np.mean(r.argmax(1) == g.argmax(1))) for r, g in zip(ref, got, strict=True)]
     x = np.random.default_rng(0).standard_normal((1, *manifest.input.shape[1:])).astype(np.float32)  # type: ignore[arg-type]
     seg_ms, _ = time_chains(chains, x, runs=runs)
-    return chains, seg_ms, agree
+    return chains, seg_ms, agree, ref
 
 
 def choose_uniform(
@@ -66,7 +67,7 @@ def choose_uniform(
     log: Callable[[str], None],
 ) -> Choice:
     """The fastest whole chain among ``candidates`` within the gate at every exit."""
-    chains, seg_ms, agree = measure(backend, manifest, fp32, candidates, images, runs=runs)
+    chains, seg_ms, agree, _ = measure(backend, manifest, fp32, candidates, images, runs=runs)
     name = select.fastest_passing(seg_ms, agree, gate_points=gate_points, fallback=fallback)
     _log_table(log, seg_ms, agree, gate_points, images.shape[0])
     log(f"  chosen: {name}")
@@ -87,7 +88,7 @@ def choose_per_segment(
 ) -> Choice:
     """Per segment the fastest candidate within the gate; the mixed chain is checked again on
     every exit, and the fastest uniform chain within the gate replaces it if it fails."""
-    chains, seg_ms, agree = measure(backend, manifest, fp32, candidates, images, runs=runs)
+    chains, seg_ms, agree, ref = measure(backend, manifest, fp32, candidates, images, runs=runs)
     _log_table(log, seg_ms, agree, gate_points, images.shape[0])
     picks = select.per_segment(seg_ms, agree, gate_points=gate_points, fallback="fp32")
     meta: dict[str, Any] = {**select.describe(seg_ms, agree, gate_points), "images": int(images.shape[0]),
@@ -98,7 +99,6 @@ def choose_per_segment(
         chosen = fp32.candidate.pick("auto", candidates, picks)
         chain = Chain(backend, manifest, chosen)
         got = chain.exits(images)
-        ref = fp32.exits(images)
         mixed = [float(np.mean(r.argmax(1) == g.argmax(1))) for r, g in zip(ref, got, strict=True)]
         meta["mixed_top1_agreement"] = [round(a, 4) for a in mixed]
         if not all(select.passes(mixed, gate_points)):
