@@ -446,16 +446,39 @@ def serve(
     serve_bundle(config, address=address, host=host, port=port, haproxy=haproxy, echo=typer.echo)
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    typer.secho(f"warning: {message}", err=True, fg=typer.colors.YELLOW)
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: a bundle being written removes its staging
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: run the app and map the error family to exit codes, in one place."""
+    """Console entry point: run the app and map the error family to exit codes, in one place.
+
+    The library's warnings (skipped images, no thresholds) print as ``warning: ...`` lines;
+    SIGTERM stops a command as Ctrl-C does, so a write in progress cleans up after itself.
+    """
+    import signal
+    import threading
+    import warnings
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
-        app(args=argv)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            app(args=argv)
     except EdgePerceiverError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         return exc.exit_code
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

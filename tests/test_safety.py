@@ -301,6 +301,30 @@ def test_skipped_images_and_empty_classes_are_named(tmp_path: Path) -> None:
     assert len(data) == 24 and data.skipped == (str(root / "a" / "broken.png"),)
 
 
+def test_compile_names_the_calibration_images_it_skips(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    from edgeperceiver.cli import main
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(calib / f"{i}.png")
+    (calib / "broken.png").write_bytes(b"\x89PNG truncated")
+    root = make_toy_bundle(tmp_path / "b")
+    try:
+        code = main(["compile", str(root), "--target", "onnxruntime", "--precision", "int8", "--calib-data",
+                     str(calib), "-O", "latency_runs=0", "-O", "report_samples=0"])  # fmt: skip
+    except SystemExit as exc:  # Typer's standalone mode exits itself on success
+        code = int(exc.code or 0)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "warning:" in err and "skipped 1 unreadable image(s)" in err and "broken.png" in err
+
+
 @pytest.mark.parametrize("target", ["onnxruntime", "openvino"])
 @pytest.mark.parametrize("option", ["latency_runs", "report_samples"])
 def test_negative_counts_are_refused_not_dropped(tmp_path: Path, target: str, option: str) -> None:
