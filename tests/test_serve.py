@@ -11,7 +11,10 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import os
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -283,3 +286,161 @@ def test_bad_requests_get_a_4xx_json_error(toy: tuple[str, Path]) -> None:
     assert client.predict_array(x)["exit"] in (1, 2, 3)
     errors = client.stats()["errors"]
     assert errors.get("body_too_large", 0) >= 1 and errors.get("undecodable_image", 0) >= 1
+
+
+# --------------------------------------------------------------------------- the digits model (slow)
+
+
+def digits_bundle(factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The shipped digits model exported and calibrated (ONNX Runtime, max-drop 0.5) with its
+    held-out images; built once per test session (~30 s) and shared by the serving tests."""
+    root = factory.getbasetemp() / "serve-digits"
+    bundle, heldout = root / "bundle", root / "heldout"
+    if (root / "ready").is_file():
+        return bundle, heldout
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    import edgeperceiver.calibration as cal
+    from edgeperceiver.datasets.digits import load_digits_split, write_imagefolder
+    from edgeperceiver.export import export_checkpoint
+    from edgeperceiver.models import DEMO_MODEL, demo_checkpoint, model_info
+
+    split = load_digits_split(model_info(DEMO_MODEL).input_size)
+    write_imagefolder(split.x_heldout, split.y_heldout, split.classes, heldout)
+    export_checkpoint(demo_checkpoint(), bundle, labels=list(split.classes), overwrite=True)
+    cal.calibrate(bundle, heldout, target="onnxruntime-fp32", goal=cal.MaxDrop(0.5), seed=0)
+    (root / "ready").touch()
+    return bundle, heldout
+
+
+def heldout_images(heldout: Path) -> list[Path]:
+    return sorted(heldout.rglob("*.png"))
+
+
+@pytest.fixture(scope="module")
+def digits(ray_port: int, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
+    """The digits bundle served at /digits by two replicas; URL, bundle, held-out images."""
+    bundle, heldout = digits_bundle(tmp_path_factory)
+    cfg = ServeConfig.for_bundle(bundle, replicas=2, max_batch=16, batch_wait_ms=2, name="digits",
+                                 route_prefix="/digits", replica_cpus=1, max_body_bytes=1 << 20)  # fmt: skip
+    return _deploy(cfg, ray_port), bundle, heldout
+
+
+@pytest.mark.slow
+def test_2000_requests_at_concurrency_16_all_equal_the_runner(digits: tuple[str, Path, Path]) -> None:
+    url, bundle, heldout = digits
+    paths = heldout_images(heldout)
+    _, want = load(bundle).predict_files(paths)
+    assert set(want.exits.tolist()) >= {1, 2}, "the calibrated thresholds should let samples leave early"
+    bodies = [p.read_bytes() for p in paths]
+    client = Client(url, timeout=60)
+    n = 2000
+    answers, errors = hammer(lambda i: client.predict(bodies[i % len(bodies)], "image/png"), n, 16, time_limit=240)
+    assert errors == [], errors[:3]
+    idx = np.arange(n) % len(paths)
+    assert_same(answers, want.labels[idx], want.exits[idx])
+    assert {a["entry"] for a in answers} == {"onnxruntime-fp32"}
+
+
+def _replica_pids(client: Client, want: int, tries: int = 100) -> dict[int, str]:
+    """pid -> node of ``want`` distinct replicas, from /stats answers (bounded tries)."""
+    seen: dict[int, str] = {}
+    for _ in range(tries):
+        s = client.stats()
+        seen[s["pid"]] = s["node_id"]
+        if len(seen) >= want:
+            break
+    return seen
+
+
+@pytest.mark.slow
+def test_bad_input_under_load_gets_4xx_and_the_load_keeps_succeeding(digits: tuple[str, Path, Path]) -> None:
+    url, bundle, heldout = digits
+    paths = heldout_images(heldout)[:200]
+    _, want = load(bundle).predict_files(paths)
+    bodies = [p.read_bytes() for p in paths]
+    client = Client(url, timeout=60)
+    result: dict[str, Any] = {}
+
+    def load_thread() -> None:
+        result["answers"], result["errors"] = hammer(
+            lambda i: client.predict(bodies[i % len(bodies)], "image/png"), 600, 8, time_limit=120
+        )
+
+    bg = threading.Thread(target=load_thread)
+    bg.start()
+    x = np.zeros((3, 32, 32), np.float32)
+    nan = x.copy()
+    nan[0, 0, 0] = np.nan
+    bad = [
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "image/png", 400, "undecodable_image"),
+        (_npy(np.zeros((3, 28, 28), np.float32)), "application/x-npy", 400, "invalid_input"),
+        (_npy(x.astype(np.float16).view(np.int16)), "application/x-npy", 400, "wrong_dtype"),
+        (json.dumps({"inputs": nan.tolist()}).encode(), "application/json", 400, "invalid_input"),
+        (b"\xff" * ((1 << 20) + 1), "image/jpeg", 413, "body_too_large"),
+    ]
+    try:
+        for _ in range(5):
+            for body, ctype, status, kind in bad:
+                got, doc = raw_post(url, "/predict", body, ctype)
+                assert (got, doc["error"]["kind"]) == (status, kind), doc
+    finally:
+        bg.join(timeout=180)
+    assert not bg.is_alive(), "the load did not finish"
+    assert result["errors"] == [], result["errors"][:3]
+    idx = np.arange(600) % len(paths)
+    assert_same(result["answers"], want.labels[idx], want.exits[idx])
+
+
+@pytest.mark.slow
+def test_a_killed_replica_leaves_no_request_hanging_and_is_replaced(digits: tuple[str, Path, Path]) -> None:
+    url, bundle, heldout = digits
+    paths = heldout_images(heldout)[:200]
+    _, want = load(bundle).predict_files(paths)
+    bodies = [p.read_bytes() for p in paths]
+    client = Client(url, timeout=30)
+    pids = _replica_pids(client, 2)
+    assert len(pids) == 2, f"expected two replicas, saw {pids}"
+    victim = min(pids)
+    n = 800
+    result: dict[str, Any] = {}
+
+    def load_thread() -> None:
+        result["answers"], result["errors"] = hammer(
+            lambda i: client.predict(bodies[i % len(bodies)], "image/png"), n, 8, time_limit=120
+        )
+
+    t0 = time.monotonic()
+    bg = threading.Thread(target=load_thread)
+    bg.start()
+    time.sleep(1.0)
+    os.kill(victim, signal.SIGKILL)
+    bg.join(timeout=200)
+    assert not bg.is_alive(), "requests hung after a replica was killed"
+    answers, errors = result["answers"], result["errors"]
+    answered = [i for i, a in enumerate(answers) if a is not None]
+    # every request was answered or failed with an error; none was left waiting
+    assert len(answered) + len(errors) == n
+    assert all(isinstance(e, ServiceError) for e in errors), errors[:3]
+    assert len(errors) < n // 4, f"{len(errors)} of {n} requests failed"
+    idx = np.array(answered) % len(paths)
+    assert_same([answers[i] for i in answered], want.labels[idx], want.exits[idx])
+    # the service recovers: 20 requests in a row succeed within seconds, and Ray replaces the replica
+    deadline = time.monotonic() + 60
+    streak = 0
+    while streak < 20 and time.monotonic() < deadline:
+        try:
+            client.predict(bodies[streak], "image/png")
+            streak += 1
+        except ServiceError:
+            streak = 0
+            time.sleep(0.2)
+    assert streak == 20, "the service did not recover"
+    deadline = time.monotonic() + 90
+    replaced: dict[int, str] = {}
+    while time.monotonic() < deadline:
+        replaced = _replica_pids(client, 2, tries=40)
+        if len(replaced) == 2 and victim not in replaced:
+            break
+        time.sleep(1.0)
+    assert len(replaced) == 2 and victim not in replaced, f"replica not replaced after {time.monotonic() - t0:.0f} s"

@@ -41,7 +41,7 @@ def start(
 
     ``address`` joins a running cluster (``"auto"``: the one ``ray start`` made on this
     machine); without it a one-machine Ray instance starts in this process (``num_cpus``
-    logical CPUs, default: all). Ray's dashboard is not started. The HTTP proxy listens on
+    logical CPUs, default: all) on the loopback address. Ray's dashboard is not started. The HTTP proxy listens on
     ``host:port`` (Ray Serve keeps the first proxy options a cluster was started with).
 
     ``haproxy``: a Ray instance started here takes HTTP through Ray Serve's HAProxy
@@ -58,7 +58,8 @@ def start(
 
     if not ray.is_initialized():
         if address is None:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", configure_logging=True)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", configure_logging=True,
+                     _node_ip_address="127.0.0.1")  # fmt: skip
         else:
             ray.init(address=address, logging_level="WARNING")
     serve.start(http_options={"host": host, "port": port}, proxy_location=proxy_location)
