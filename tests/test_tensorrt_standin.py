@@ -247,3 +247,14 @@ def test_engines_of_another_gpu_are_refused(toy: Path, standin: dict[str, Any]) 
         w.manifest = w.manifest.with_target(dataclasses.replace(entry, metadata=meta))
     with pytest.raises(TargetError, match=r"built with TensorRT 10\.13\.0\.35"):
         load(toy, "tensorrt-fp32")
+
+
+def test_backends_left_open_are_closed_by_the_exit_hook(toy: Path, standin: dict[str, Any]) -> None:
+    """What ``atexit`` runs: every backend still open is closed while CUDA still works."""
+    runner = load(toy, "tensorrt-fp32")
+    runner.predict(toy_inputs(2))
+    cuda, _, pools = standin["backends"][0]
+    assert trt_runtime._HOOKED and runner.backend in set(trt_runtime._OPEN)
+    trt_runtime._close_open_backends()
+    assert [c.retained for c in cuda.contexts] == [0] and pools[0].stopped
+    assert runner.backend not in set(trt_runtime._OPEN)

@@ -81,14 +81,22 @@ def default_bindings() -> Bindings:
 
 
 _OPEN: weakref.WeakSet[TensorRTBackend] = weakref.WeakSet()
+_HOOKED: list[bool] = []
 
 
-@atexit.register
 def _close_open_backends() -> None:
     """Close what is still open while CUDA still works (no "dead context" errors at exit)."""
     for backend in list(_OPEN):
         with contextlib.suppress(Exception):  # nothing can be reported at interpreter exit
             backend.close()
+
+
+def _track(backend: TensorRTBackend) -> None:
+    """Remember an open backend; the exit hook is registered after pycuda's own (so it runs first)."""
+    if not _HOOKED:
+        atexit.register(_close_open_backends)
+        _HOOKED.append(True)
+    _OPEN.add(backend)
 
 
 class TensorRTBackend(BackendBase):
@@ -146,7 +154,7 @@ class TensorRTBackend(BackendBase):
             self._staged = self.cuda.Event()  #: recorded after the last copy out of the input pinned buffer
             self.log = BuildLog(min_severity=2)
             self._runtime: Any = self._trt.Runtime(make_trt_logger(self.log, module=self._trt))
-        _OPEN.add(self)
+        _track(self)
 
     # -- CUDA context
 
