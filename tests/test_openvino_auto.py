@@ -71,7 +71,10 @@ def test_auto_records_per_segment_precisions_and_the_timings_that_chose_them(aut
         ok = [n for n, c in cands.items() if c["within_gate"][k]]
         assert cands[pick]["segment_ms"][k] == min(cands[n]["segment_ms"][k] for n in ok)
         assert cands[pick]["segment_ms"][k] <= cands["fp32"]["segment_ms"][k]
-    assert all(passes([r["top1_agreement"] for r in meta["agreement"]["exits"]], 100.0))
+    if set(picks) == {"fp32"}:  # FP32 everywhere: nothing to compare
+        assert "agreement" not in meta
+    else:  # the report's images are among those the choice was checked on
+        assert all(passes([r["top1_agreement"] for r in meta["agreement"]["exits"]]))
     assert len(entry.latency_ms) == 3 and "chosen per segment" in meta["report"]
 
 
