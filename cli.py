@@ -202,6 +202,7 @@ def compile_(
 ) -> None:
     """Quantize (INT8) and compile every segment for a target; atomic."""
     from edgeperceiver.apps.progress_bar import status, stdout_to_stderr
+    from edgeperceiver.progress import messages_to
     from edgeperceiver.targets import compile_bundle
 
     opts: dict[str, str] = {}
@@ -223,7 +224,11 @@ def compile_(
         else:
             typer.echo(result.render())
         raise typer.Exit(0 if result.ready else 1)
-    with status(f"compiling {target.value}-{precision.value}", enabled=not as_json), stdout_to_stderr(as_json):
+    with (
+        status(f"compiling {target.value}-{precision.value}", enabled=not as_json) as show,
+        messages_to(show),
+        stdout_to_stderr(as_json),
+    ):
         entry = compile_bundle(
             bundle, target, precision, calib_data=calib_data, calib_samples=calib_samples, options=opts
         )

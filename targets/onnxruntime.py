@@ -16,7 +16,6 @@ segment's measured batch-1 latency.
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import numpy as np
 from edgeperceiver._optional import require
 from edgeperceiver.bundle import BundleWriter, Manifest, TargetEntry
 from edgeperceiver.errors import InputError, TargetError
+from edgeperceiver.progress import message
 from edgeperceiver.quant_stage import ensure_quantized
 from edgeperceiver.quantize import QuantizeConfig, check_calibration, exit_agreement, options_to
 from edgeperceiver.timing import recorder, take_turns
@@ -159,4 +159,4 @@ def _latency(sessions: Sequence[Any], manifest: Manifest, runs: int) -> list[flo
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    message(msg)

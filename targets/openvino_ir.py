@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from edgeperceiver.bundle import BundleWriter, SegmentSpec
 from edgeperceiver.errors import TargetError
 from edgeperceiver.passes.openvino_fuse import fuse_projections
 from edgeperceiver.passes.openvino_norms import fold_norm_affine
+from edgeperceiver.progress import message
 
 
 def read(core: Any, path: Path) -> Any:
@@ -83,11 +83,11 @@ def has_bf16(core: Any) -> bool:
 
 
 class Log:
-    """Prints progress to stderr and keeps the lines (the entry's ``metadata["report"]``)."""
+    """Keeps the report lines (the entry's ``metadata["report"]``) and reports each as it comes."""
 
     def __init__(self) -> None:
         self.lines: list[str] = []
 
     def __call__(self, msg: str) -> None:
         self.lines.append(msg.strip())
-        print(msg, file=sys.stderr, flush=True)
+        message(msg)

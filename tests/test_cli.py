@@ -232,3 +232,21 @@ def test_json_mode_keeps_stdout_for_the_document(capfd: pytest.CaptureFixture[st
     out, err = capfd.readouterr()
     assert json.loads(out) == {"ok": True}
     assert "library noise" in err and "fd noise" in err
+
+
+def test_compile_reports_through_messages_and_never_prints(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """The library's compile report goes to the caller's message sink, not to stdout/stderr."""
+    from bundles import make_toy_bundle, toy_inputs
+
+    from edgeperceiver.progress import messages_to
+    from edgeperceiver.targets import compile_bundle
+    from edgeperceiver.types import Precision, TargetName
+
+    root = make_toy_bundle(tmp_path / "b")
+    lines: list[str] = []
+    with messages_to(lines.append):
+        entry = compile_bundle(root, TargetName.ONNXRUNTIME, Precision.INT8, calib_data=toy_inputs(24))
+    out, err = capfd.readouterr()
+    ours = [line.strip() for line in lines if line.strip()]
+    assert ours and ours[0] in entry.metadata["report"]
+    assert not [line for line in ours if line in out or line in err]  # third-party tools (NNCF) may still talk

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stdout
 from typing import Any, TextIO
 
+from edgeperceiver.progress import Message
+
 #: readable names for the library's stage keys
 LABELS = {
     "read": "reading held-out data",
@@ -74,15 +76,30 @@ def progress_bars(enabled: bool = True) -> Iterator[RichStages | None]:
 
 
 @contextmanager
-def status(message: str, enabled: bool = True) -> Iterator[None]:
-    """A spinner on stderr while a step with no countable progress runs (quiet like the bars)."""
+def status(message: str, enabled: bool = True) -> Iterator[Message]:
+    """A spinner on stderr while a step with no countable progress runs (quiet like the bars).
+
+    Yields a ``sink(line)`` that shows the step's latest line beside the spinner (a no-op
+    when quiet): pass it to :func:`edgeperceiver.progress.messages_to`.
+    """
     if not enabled or not interactive():
-        yield
+        yield _drop
         return
     from rich.console import Console
+    from rich.markup import escape
 
-    with Console(stderr=True).status(message):
-        yield
+    with Console(stderr=True).status(escape(message)) as spinner:
+
+        def show(line: str) -> None:
+            first = next((x.strip() for x in line.splitlines() if x.strip()), "")
+            if first:
+                spinner.update(escape(f"{message}: {first[:100]}"))
+
+        yield show
+
+
+def _drop(line: str) -> None:
+    """A message sink that shows nothing."""
 
 
 @contextmanager
