@@ -81,9 +81,9 @@ class OpenVINOOptions:
     #: images with it, and the segments measure faster with it (reg800m: -11%), else f32
     float_precision: str = "auto"
     #: accuracy gate of the automatic choices: points of top-1 agreement with FP32 per exit
-    gate_points: float = GATE_POINTS
+    gate_points: float = field(default=GATE_POINTS, metadata={"min": 0.0, "max": 100.0})
     #: calibration images the automatic choices check agreement on (0 = all)
-    gate_samples: int = 0
+    gate_samples: int = field(default=0, metadata={"min": 0})
     quant: QuantizeConfig = field(default_factory=QuantizeConfig)
     threads: int | None = None  #: threads for the latency report (None = OpenVINO's default)
     latency_runs: int = field(default=30, metadata={"min": 0})  #: timed batch-1 runs per segment (0 = skip)
@@ -109,9 +109,6 @@ class OpenVINOOptions:
             raise InputError(f"OpenVINO INT8 method must be one of {METHODS}, not {opts.method!r}")
         if opts.float_precision not in ("auto", "f32", "bf16"):
             raise InputError(f"float_precision must be 'auto', 'f32' or 'bf16', not {opts.float_precision!r}")
-        if not 0.0 <= opts.gate_points <= 100.0 or opts.gate_samples < 0:
-            raise InputError(f"gate_points must be in [0, 100] and gate_samples >= 0, not {opts.gate_points!r}, "
-                             f"{opts.gate_samples!r}")
         return opts
 
 
