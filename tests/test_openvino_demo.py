@@ -1,7 +1,9 @@
 """End to end on the demo model (trained on real digits): OpenVINO INT8 keeps every exit's accuracy.
 
-Slow: exports the shipped demo checkpoint, compiles OpenVINO fp32 and int8 (calibrated on
-300 training images) and compares top-1 accuracy per exit on the held-out digits.
+Slow: exports the shipped demo checkpoint, compiles OpenVINO fp32, int8 (calibrated on 300
+training images; float parts chosen automatically), int8 with bf16 float parts forced (where
+the CPU has bf16: what the automatic choice takes on CPUs where bf16 measures faster, e.g.
+Xeon with AMX) and auto, and compares top-1 accuracy per exit on the held-out digits.
 """
 
 from __future__ import annotations
@@ -42,6 +44,53 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, np
     compile_bundle(root, TargetName.OPENVINO, Precision.INT8, calib_data=calib,
                    options={"threads": 2, "latency_runs": 5, "report_samples": 128})
     return root, calib, to_model_input(split.x_heldout), split.y_heldout
+
+
+def _accuracy_gate(root: Path, key: str, x: np.ndarray, y: np.ndarray) -> None:
+    """Every exit of entry ``key`` within half a point of FP32's accuracy on the held-out digits."""
+    ref = load(root, "onnxruntime-fp32", threads=2).all_exits(x)
+    got = load(root, key, threads=2).all_exits(x)
+    for k, (r, q) in enumerate(zip(ref, got, strict=True), start=1):
+        acc_f = float(np.mean(r.argmax(1) == y)) * 100
+        acc_q = float(np.mean(q.argmax(1) == y)) * 100
+        assert acc_q >= acc_f - 0.5 - 1e-9, f"{key} exit {k}: fp32 {acc_f:.2f}% vs {acc_q:.2f}%"
+
+
+def test_int8_with_bf16_float_parts_keeps_the_gate(demo: tuple[Path, np.ndarray, np.ndarray, np.ndarray]) -> None:
+    from edgeperceiver.bundle import Bundle
+
+    root, calib, x, y = demo
+    int8 = Bundle.open(root).manifest.target("openvino-int8")
+    choice = int8.metadata.get("float_precision_choice")
+    if not choice:
+        pytest.skip("this CPU has no native bf16")
+    # the automatic choice saw both float precisions and kept only those within the gate
+    assert set(choice["candidates"]) == {"int8", "int8+bf16"} and choice["images"] == calib.shape[0]
+    assert all(choice["candidates"][choice["chosen"]]["within_gate"])
+    # the bf16 path itself, forced (a copy of the bundle: the module's entries stay as they are)
+    import shutil
+
+    forced = root.parent / "bf16"
+    shutil.copytree(root, forced, symlinks=False)
+    entry = compile_bundle(forced, TargetName.OPENVINO, Precision.INT8, calib_data=calib,
+                           options={"threads": 2, "latency_runs": 0, "report_samples": 0,
+                                    "float_precision": "bf16"})
+    assert entry.metadata["inference_precision"] == "bf16"
+    _accuracy_gate(forced, "openvino-int8", x, y)
+
+
+def test_auto_keeps_every_exit_within_half_a_point_and_is_not_slower_than_fp32(
+    demo: tuple[Path, np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    root, calib, x, y = demo
+    entry = compile_bundle(root, TargetName.OPENVINO, Precision.AUTO, calib_data=calib,
+                           options={"threads": 2, "latency_runs": 10, "report_samples": 0})
+    meta = entry.metadata["auto"]
+    cands = meta["candidates"]
+    for k, pick in enumerate(meta["per_segment"]):
+        assert cands[pick]["segment_ms"][k] <= cands["fp32"]["segment_ms"][k]
+    assert meta["estimated_ms"] <= sum(cands["fp32"]["segment_ms"]) + 1e-9
+    _accuracy_gate(root, "openvino-auto", x, y)
 
 
 def test_int8_keeps_every_exit_within_half_a_point(demo: tuple[Path, np.ndarray, np.ndarray, np.ndarray]) -> None:
