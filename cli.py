@@ -144,9 +144,14 @@ def export(
     """Export a multi-exit model to a bundle: ONNX, cut into one segment per exit, verified."""
     from edgeperceiver import export as ex
     from edgeperceiver.apps.progress_bar import status, stdout_to_stderr
+    from edgeperceiver.progress import messages_to
 
     keep = _ints(exits, "--exits")
-    with status(f"exporting and verifying {out}", enabled=not as_json), stdout_to_stderr(as_json):
+    with (
+        status(f"exporting {out}", enabled=not as_json) as show,
+        messages_to(show),
+        stdout_to_stderr(as_json),
+    ):
         if module is not None:
             shape = _ints(input_shape, "--input-shape")
             if shape is None or len(shape) != 3:

@@ -48,6 +48,7 @@ from .export_report import ExportReport, SegmentStat, VerifyRow
 from .macs import macs_tensors, node_macs, numel
 from .onnx_utils import input_info, load_model, np_dtype_name, ort_session, probe, random_input
 from .passes.shapes import eliminate_dead, fold_static_shapes, make_batch_dynamic, restrict_outputs
+from .progress import message
 from .types import Precision, TargetName
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -301,14 +302,17 @@ def _export_graph(
     kept_idx = _kept(keep, len(exit_names))
     exits = tuple(exit_names[i] for i in kept_idx)
     model = restrict_outputs(model, exits)
+    message("folding static shapes")
     model, fold = fold_static_shapes(model, threads=threads, seed=seed)
     simplified = None
     if simplify:
         model, simplified = _simplify(model, threads=threads)
     in_name, in_dtype, in_shape = input_info(model)
+    message(f"cutting into {len(exits)} segments")
     plan, segments, specs = cut_model(model, exits, seed=seed, threads=threads)
 
     # verification: reference vs monolithic ONNX vs chained segments
+    message("verifying the segments against the reference")
     x = random_input((verify_batch, *[int(d) for d in in_shape[1:]]), seed=seed, dtype=in_dtype)
     ref = {k: np.asarray(v) for k, v in reference(x).items()}
     mono = dict(zip(exits, ort_session(model, threads=threads).run(list(exits), {in_name: x}), strict=True))
