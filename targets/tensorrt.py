@@ -39,6 +39,7 @@ import numpy as np
 from edgeperceiver.bundle import BundleWriter, Manifest, TargetEntry
 from edgeperceiver.errors import BundleError, InputError
 from edgeperceiver.fsutil import atomic_write
+from edgeperceiver.progress import message
 from edgeperceiver.quant_stage import ensure_quantized
 from edgeperceiver.runtime.tensorrt_device import (
     DeviceFacts,
@@ -122,6 +123,7 @@ def _compile(writer: BundleWriter, precision: Precision, opts: BuildOptions, pre
     engines: list[str] = []
     with tempfile.TemporaryDirectory(prefix="edgeperceiver-trt-") as tmp:
         for seg in prep.segments:
+            message(f"building segment {seg.index} of {len(prep.segments)} ({precision.value})")
             log.mark(f"segment {seg.index}: {seg.source}; " + "; ".join(seg.notes))
             onnx_path = Path(tmp) / f"seg{seg.index}.onnx"
             onnx_path.write_bytes(seg.model.SerializeToString())
