@@ -11,6 +11,7 @@ Standard library + numpy only; the backend is created through the lazy registry.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import warnings
@@ -33,6 +34,8 @@ from .preprocess import iter_input_batches
 ThresholdsLike = Thresholds | Sequence[float | None]
 
 DEFAULT_BATCH_SIZE = 16
+
+_LOG = logging.getLogger("edgeperceiver.runtime")
 
 
 @dataclass(frozen=True)
@@ -484,6 +487,7 @@ def load(
     b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify)
     choice = choose_entry(b.manifest, target)
     entry = choice.entry
+    _LOG.info("loading %s from %s", choice.describe(), b.root)
     if target is None and thresholds is None and choice.warning is not None:
         warnings.warn(choice.warning, NoThresholdsWarning, stacklevel=2)
     th = resolve_thresholds(thresholds, criterion, entry.thresholds, len(b.manifest.segments))
