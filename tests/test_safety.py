@@ -223,6 +223,19 @@ def test_infinite_thresholds_are_written_as_valid_json(tmp_path: Path) -> None:
     json.loads((root / MANIFEST).read_text(), parse_constant=refuse)
 
 
+def test_run_json_is_valid_json_when_the_model_overflows(tmp_path: Path) -> None:
+    root = make_toy_bundle(tmp_path / "b")
+    np.save(tmp_path / "x.npy", np.full((2, 3, 8, 8), 3e38, np.float32))  # finite, but the logits overflow
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"not JSON: {name}")
+
+    proc = _cli("run", root, tmp_path / "x.npy", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout, parse_constant=refuse)["rows"]
+    assert [r["confidence"] for r in rows] == [None, None]  # NaN is written as null
+
+
 # --------------------------------------------------------------------------- 12: no tracebacks
 
 
