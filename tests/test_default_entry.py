@@ -100,6 +100,14 @@ def test_calibrated_entry_runs_by_default(tmp_path: Path, capsys: pytest.Capture
     assert choose_entry(m).key == "onnxruntime-fp32" and choose_entry(m, "onnxruntime-int8").reason == "named"
 
 
+def test_load_logs_the_entry_it_runs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = make_toy_bundle(tmp_path / "b", thresholds=[0.5, None, None])
+    with caplog.at_level("INFO", logger="edgeperceiver.runtime"):
+        runner = load(root)
+    assert runner.entry.key == "onnxruntime-fp32"
+    assert "loading entry onnxruntime-fp32 (calibrated last; thresholds manual" in caplog.text
+
+
 def test_stamps_order_compiles_and_calibrations(tmp_path: Path) -> None:
     import dataclasses
 
@@ -119,44 +127,53 @@ def test_stamps_order_compiles_and_calibrations(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_demo_openvino_int8_calibrated_runs_by_default(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The user's path on the demo model: export, compile OpenVINO INT8 (NNCF), calibrate it on the
-    held-out digits, then run, bench and a copied bundle's run.py with no entry named."""
+    """The user's path on the demo: `demo --json`, then calibrate an entry on the demo's held-out
+    digits (OpenVINO INT8, NNCF-quantized) and run, bench and a copied bundle's run.py with no
+    entry named: they use it, say so, and samples leave at exit 1."""
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
     pytest.importorskip("sklearn")
-    from edgeperceiver.datasets.digits import load_digits_split, write_imagefolder
     from edgeperceiver.errors import CheckpointError
-    from edgeperceiver.models import DEMO_MODEL, demo_checkpoint, model_info
+    from edgeperceiver.models import demo_checkpoint
 
     try:
-        ckpt = demo_checkpoint()
+        demo_checkpoint()
     except CheckpointError as exc:
         pytest.skip(str(exc))
-    split = load_digits_split(model_info(DEMO_MODEL).input_size)
-    held = write_imagefolder(split.x_heldout, split.y_heldout, split.classes, tmp_path / "heldout")
-    calib = write_imagefolder(split.x_train[:300], split.y_train[:300], split.classes, tmp_path / "calib")
-    root = tmp_path / "bundle"
-    assert _cli(capsys, "export", ckpt, "-o", root, "--json")[0] == 0
-    code, out, err = _cli(capsys, "compile", root, "--target", "openvino", "--precision", "int8", "--calib-data", calib,
-                        "-O", "threads=2", "-O", "latency_runs=5", "--json")  # fmt: skip
+    out = tmp_path / "demo"
+    code, text, err = _cli(capsys, "demo", "-o", out, "--json")
     assert code == 0, err
-    assert json.loads(out)["entry"] == "openvino-int8"  # NNCF's own progress output kept off stdout
-    code, out, err = _cli(capsys, "calibrate", root, "--data", held, "--max-drop", "0.5")
+    doc = json.loads(text)  # one document: NNCF's own progress output went to stderr
+    root, held = Path(doc["bundle"]), out / "heldout"
+    assert {r["target"] for r in doc["rows"]} == {"onnxruntime-fp32", "openvino-int8"} and doc["n_check"] > 200
+
+    # the demo calibrates OpenVINO INT8 last; calibrating another entry makes that one the default
+    code, text, err = _cli(capsys, "run", root, held, "--json")
+    assert code == 0, err
+    assert json.loads(text)["entry"] == "openvino-int8"
+    code, _, err = _cli(capsys, "calibrate", root, "--entry", "onnxruntime-fp32", "--data", held, "--max-drop", "1")
+    assert code == 0, err
+    code, text, err = _cli(capsys, "run", root, held, "--json")
+    assert json.loads(text)["entry"] == "onnxruntime-fp32"
+
+    # calibrate with no entry named: the entry compiled last (OpenVINO INT8)
+    code, _, err = _cli(capsys, "calibrate", root, "--data", held, "--max-drop", "0.5")
     assert code == 0, err
     assert "calibrating entry openvino-int8 (compiled last)" in err
-
-    code, out, err = _cli(capsys, "run", root, held, "--json")
+    code, text, err = _cli(capsys, "run", root, held, "--json")
     assert code == 0, err
-    doc = json.loads(out)
+    doc = json.loads(text)
     assert doc["entry"] == "openvino-int8" and doc["reason"] == "calibrated last"
-    assert doc["exit_counts"][0] > 0 and doc["samples"] == len(split.y_heldout)
-    code, out, err = _cli(capsys, "bench", root, "--data", held, "--batch-sizes", "1", "--repeats", "3", "--json")
+    assert doc["exit_counts"][0] > 0 and doc["samples"] == 539
+    code, text, err = _cli(capsys, "run", root, held)
+    assert "running entry openvino-int8 (calibrated last; thresholds max_drop=0.5" in err
+    code, text, err = _cli(capsys, "bench", root, "--data", held, "--batch-sizes", "1", "--repeats", "3", "--json")
     assert code == 0, err
-    doc = json.loads(out)
+    doc = json.loads(text)
     assert doc["entry"] == "openvino-int8" and doc["data_exit_share"][0] > 0
 
     copy = tmp_path / "device" / "bundle"
     shutil.copytree(root, copy)
-    out, err = _run_py(copy, str(held), "--json")
-    doc = json.loads(out)
+    text, err = _run_py(copy, str(held), "--json")
+    doc = json.loads(text)
     assert doc["entry"] == "openvino-int8" and doc["exit_counts"][0] > 0
