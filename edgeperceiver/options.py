@@ -114,5 +114,8 @@ def parse_options(cls: type[T], options: Mapping[str, Any], *, what: str = "", n
     if inner_cls is not None:
         inner_hints = _hints(inner_cls)
         sub = {k: coerce(k, v, inner_hints[k], inner[k].metadata) for k, v in options.items() if k in inner}
-        values[nested] = inner_cls(**sub)  # type: ignore[index]
+        nested_field = next(f for f in dataclasses.fields(cls) if f.name == nested)
+        base = (nested_field.default_factory() if nested_field.default_factory is not dataclasses.MISSING
+                else inner_cls())
+        values[nested] = dataclasses.replace(base, **sub)  # type: ignore[index]
     return cls(**values)
