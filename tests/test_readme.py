@@ -129,3 +129,23 @@ def test_documented_commands_and_options_exist() -> None:
                     if opt not in commands[name].split() and opt != "--help":
                         stale.append(f"{page.name}: {name} has no option {opt} ({line.strip()!r})")
     assert not stale, "\n".join(stale)
+
+
+#: a path into the repository as docs name it (patterns like ``openvino_*.py`` are skipped)
+REPO_PATH = re.compile(
+    r"(?<![\w./-])((?:edgeperceiver|targets|calibration|tests|scripts|benchmarks|docs|\.ci)/[\w./*<>{},-]*)"
+)
+
+
+@pytest.mark.parametrize("page", _pages(), ids=lambda p: p.name)
+def test_named_files_exist(page: Path) -> None:
+    """Every repository file named in `code` (edgeperceiver/x.py, targets/, tests/...) exists."""
+    missing = []
+    for span in re.findall(r"`([^`\n]+)`", page.read_text()):
+        for path in REPO_PATH.findall(span):
+            path = path.rstrip(".,")
+            if any(c in path for c in "*<>{},"):
+                continue  # a pattern, not a file
+            if not (ROOT / path).exists():
+                missing.append(path)
+    assert not missing, f"{page.relative_to(ROOT)} names files that do not exist: {sorted(set(missing))}"
