@@ -15,7 +15,9 @@ swaps the symlink with one ``rename`` of a temporary symlink over ``NAME``: at e
 directory at ``NAME``) is migrated on its first write with Linux's ``RENAME_EXCHANGE``, also
 in one step. A writer killed at any point leaves at most a staging directory, an unpublished
 version or a temporary link; :func:`recover` (run by the next writer, and by readers that
-find leftovers and a free lock) removes them and puts back a missing symlink.
+find leftovers and a free lock) removes them. Deleting ``NAME`` (``rm -r NAME`` removes the
+link only) leaves its hidden versions, removed the same way the next time ``NAME`` is
+opened or written.
 
 Readers resolve ``NAME`` once (:func:`current`) and read that version's files, so a write
 during a read cannot mix versions. Copying a bundle elsewhere follows the link:
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
 import os
 import re
@@ -42,6 +45,8 @@ from .fsutil import FileLock, fsync_dir, make_dir
 #: seconds a superseded version stays for readers that resolved the link just before a swap
 GRACE_S = 30.0
 _RENAME_EXCHANGE = 2
+#: errno values of a file system that cannot make symlinks (EPERM, EOPNOTSUPP, ENOSYS)
+_NO_SYMLINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS})
 
 
 def prefix(path: Path) -> str:
@@ -91,7 +96,7 @@ def lock(path: Path, *, timeout: float, what: str) -> FileLock:
 
 def new_staging(path: Path) -> Path:
     """A fresh, empty staging directory beside ``path`` (mode 0777 minus the umask)."""
-    return make_dir(path.with_name(f"{prefix(path)}.{os.getpid()}-{secrets.token_hex(4)}.staging"))
+    return make_dir(_aside(path, "staging"))
 
 
 def _versions(path: Path) -> dict[int, Path]:
@@ -135,9 +140,11 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def publish(path: Path, staging: Path) -> Path:
-    """Make ``staging`` the content of ``path`` in one atomic step; return the new version directory.
+    """Make ``staging`` the content of ``path`` in one atomic step; return the directory now read.
 
     Call with the lock held. The previous content stays readable as the previous version.
+    Where the file system has no symlinks, ``path`` stays a plain directory, replaced by
+    two renames (see :func:`_publish_without_links`).
     """
     _fsync_tree(staging)
     versions = _versions(path)
@@ -145,8 +152,14 @@ def publish(path: Path, staging: Path) -> Path:
     n = max([*versions, old or 0]) + 1
     version = path.with_name(f"{prefix(path)}.v{n}")
     os.rename(staging, version)
-    link = path.with_name(f"{prefix(path)}.{os.getpid()}-{secrets.token_hex(4)}.link")
-    os.symlink(version.name, link)
+    link = _aside(path, "link")
+    try:
+        os.symlink(version.name, link)
+    except OSError as exc:
+        if exc.errno not in _NO_SYMLINKS:
+            raise
+        _publish_without_links(path, version)
+        return path
     fsync_dir(path.parent)
     plain = path.is_dir() and not path.is_symlink()
     if not plain:
@@ -163,6 +176,43 @@ def publish(path: Path, staging: Path) -> Path:
         with contextlib.suppress(OSError):
             os.utime(versions[old])  # superseded now: its grace period starts
     return version
+
+
+def _aside(path: Path, tag: str) -> Path:
+    return path.with_name(f"{prefix(path)}.{os.getpid()}-{secrets.token_hex(4)}.{tag}")
+
+
+def _publish_without_links(path: Path, version: Path) -> None:
+    """On a file system without symlinks (FAT, some network mounts): two renames.
+
+    Between them the path is briefly absent; a crash there is repaired by :func:`recover`
+    (the new version is renamed into place).
+    """
+    if path.exists():
+        os.rename(path, _aside(path, "link"))  # removed by recover() as a leftover
+    os.rename(version, path)
+    fsync_dir(path.parent)
+
+
+def _relink(path: Path, version: Path) -> None:
+    """Point ``path`` at ``version`` (or move it there where symlinks are not supported)."""
+    link = _aside(path, "link")
+    try:
+        os.symlink(version.name, link)
+    except OSError as exc:
+        if exc.errno not in _NO_SYMLINKS:
+            raise
+        os.rename(version, path)
+    else:
+        os.replace(link, path)
+    fsync_dir(path.parent)
+
+
+def _moved_aside(path: Path) -> bool:
+    """True when an old plain directory sits at a temporary name (see :func:`_publish_without_links`)."""
+    pattern = re.compile(re.escape(prefix(path)) + r"\.\d+-[0-9a-f]{8}\.link")
+    with os.scandir(path.parent) as it:
+        return any(pattern.fullmatch(e.name) and e.is_dir(follow_symlinks=False) for e in it)
 
 
 def leftovers(path: Path) -> list[Path]:
@@ -193,13 +243,13 @@ def leftovers(path: Path) -> list[Path]:
 
 def recover(path: Path) -> None:
     """Undo what a killed writer left (call with the lock held): restore the link, remove leftovers."""
-    if not path.exists():  # missing, or a dangling link: link the newest complete version
+    if not path.exists() and not path.is_symlink() and _moved_aside(path):
+        # killed between the two renames of a file system without symlinks: the newest
+        # version is complete, put it in place (a path absent for any other reason was
+        # deleted on purpose, and its hidden versions are removed below)
         versions = _versions(path)
         if versions:
-            link = path.with_name(f"{prefix(path)}.{os.getpid()}-{secrets.token_hex(4)}.link")
-            os.symlink(versions[max(versions)].name, link)
-            os.replace(link, path)
-            fsync_dir(path.parent)
+            _relink(path, versions[max(versions)])
     for leftover in leftovers(path):
         if leftover.is_symlink() or leftover.is_file():
             with contextlib.suppress(OSError):
@@ -211,7 +261,7 @@ def recover(path: Path) -> None:
 def try_recover(path: Path) -> None:
     """:func:`recover` if leftovers exist and no writer holds the lock; never raises."""
     try:
-        if not leftovers(path) and (path.exists() or not _versions(path)):
+        if not leftovers(path):
             return
         held = lock(path, timeout=0, what=str(path))
         held.acquire()

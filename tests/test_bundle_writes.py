@@ -8,6 +8,7 @@ then the old or the new version, whole, never absent or a mix.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import shutil
 import signal
@@ -221,6 +222,37 @@ def test_readers_never_miss_the_bundle_during_writes(tmp_path: Path) -> None:
         for t in readers:
             t.join()
     assert errors == [] and opens[0] > 0
+
+
+def test_without_symlinks_a_bundle_stays_a_plain_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_symlinks(*_: Any, **__: Any) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "symlink", no_symlinks)  # as on FAT or some network mounts
+    root = tmp_path / "b"
+    _write(root)
+    _edit(root, "new")
+    assert not root.is_symlink() and _state(root) == "new"
+    assert _siblings(root) == []
+    # killed between the two renames of the next write: the old version moved aside, the new
+    # one complete under its version name, the path absent
+    shutil.copytree(root, tmp_path / ".b.v9")
+    os.rename(root, tmp_path / ".b.123-0000abcd.link")
+    Bundle.open(root)  # the next reader puts the newest version in place
+    assert _state(root) == "new"
+    assert not root.is_symlink() and _siblings(root) == []
+
+
+def test_a_deleted_bundle_stays_deleted(tmp_path: Path) -> None:
+    root = tmp_path / "b"
+    _write(root)
+    _edit(root, "new")
+    root.unlink()  # what 'rm -rf b' does to a link
+    with pytest.raises(BundleError, match="not a bundle"):
+        Bundle.open(root)
+    assert _siblings(root) == []  # its hidden versions went with it
+    _write(root)  # a new bundle of that name is not confused with the deleted one
+    assert _state(root) == "old"
 
 
 # --------------------------------------------------------------------------- the lock
