@@ -150,7 +150,7 @@ def export(
     with (
         status(f"exporting {out}", enabled=not as_json) as show,
         messages_to(show),
-        stdout_to_stderr(as_json),
+        stdout_to_stderr(),
     ):
         if module is not None:
             shape = _ints(input_shape, "--input-shape")
@@ -232,7 +232,7 @@ def compile_(
     with (
         status(f"compiling {target.value}-{precision.value}", enabled=not as_json) as show,
         messages_to(show),
-        stdout_to_stderr(as_json),
+        stdout_to_stderr(),
     ):
         entry = compile_bundle(
             bundle, target, precision, calib_data=calib_data, calib_samples=calib_samples, options=opts
@@ -288,7 +288,7 @@ def calibrate(
         if not as_json:
             typer.echo(f"calibrating entry {name} (compiled last)", err=True)
     if set_ is not None:
-        with stdout_to_stderr(as_json):
+        with stdout_to_stderr():
             manual = cal.set_thresholds(bundle, set_, target=name, criterion=criterion)
         if as_json:
             _echo_json({"entry": manual.target, "thresholds": manual.thresholds.values,
@@ -321,7 +321,7 @@ def calibrate(
         mix = _floats(paper_mix, "--paper-mix")
         assert mix is not None
         goal = cal.PaperMix(mix)
-    with progress_bars(enabled=not as_json) as bars, stdout_to_stderr(as_json):
+    with progress_bars(enabled=not as_json) as bars, stdout_to_stderr():
         result = cal.calibrate(
             bundle, data, target=name, goal=goal, criterion=criterion, exits=_ints(exits, "--exits"), seed=seed,
             latency=latency.value, progress=bars,
@@ -351,7 +351,7 @@ def run(
     from edgeperceiver.apps.progress_bar import stdout_to_stderr
 
     b, choice = _choose_entry(bundle, _entry_name(entry, old_target), quiet=as_json or th is not None)
-    with stdout_to_stderr(as_json):
+    with stdout_to_stderr():
         runner = load(b, choice.key)
         rows = run_inputs(runner, inputs, batch_size=batch_size, thresholds=th)
     if as_json:
@@ -385,7 +385,7 @@ def bench(
 
     sizes = _ints(batch_sizes, "--batch-sizes") or (1,)
     b, choice = _choose_entry(bundle, _entry_name(entry, old_target), quiet=as_json, doing="timing")
-    with progress_bars(enabled=not as_json) as bars, stdout_to_stderr(as_json):
+    with progress_bars(enabled=not as_json) as bars, stdout_to_stderr():
         report = run_bench(
             b, choice.key, batch_sizes=sizes, exit_mix=_floats(exit_mix, "--exit-mix"), data=data, repeats=repeats,
             block=block, progress=None if bars is None else bars.stage("bench"),

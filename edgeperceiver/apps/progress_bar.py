@@ -104,11 +104,12 @@ def _drop(line: str) -> None:
 
 @contextmanager
 def stdout_to_stderr(enabled: bool = True) -> Iterator[None]:
-    """Send everything written to stdout while the block runs to stderr (``--json`` mode).
+    """Send everything written to stdout while the block runs to stderr.
 
-    Third-party libraries print to stdout (NNCF's progress bars, some engines' logs); with
-    ``--json`` the command's stdout must hold the JSON document alone. File descriptor 1 is
-    pointed at stderr too, for writers that bypass ``sys.stdout``.
+    Third-party libraries print to stdout (NNCF's progress bars, some engines' logs); a
+    command's stdout holds its result alone (the JSON document with ``--json``), so the
+    library calls run inside this. File descriptor 1 is pointed at stderr too, for writers
+    that bypass ``sys.stdout``.
     """
     if not enabled:
         yield
