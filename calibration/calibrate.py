@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeperceiver.bundle import Bundle, Thresholds, edit_bundle
+from edgeperceiver.bundle import Bundle, Manifest, Thresholds, edit_bundle
 from edgeperceiver.data import Dataset, load_dataset, split_fit_check
 from edgeperceiver.errors import CalibrationError, InputError
 from edgeperceiver.progress import StageProgress
@@ -379,7 +379,7 @@ def calibrate(
     result = _replace(result, skipped=len(dataset.skipped), notes=notes)
     if not write:
         return result
-    return _write(b.root, entry.key, result)
+    return _write(b.root, entry.key, result, basis=b.manifest)
 
 
 def measured_costs(
@@ -400,7 +400,13 @@ def _replace(result: CalibrationResult, **changes: Any) -> CalibrationResult:
     return dataclasses.replace(result, **changes)
 
 
-def _write(root: Path, key: str, result: CalibrationResult) -> CalibrationResult:
+def _artifacts(manifest: Manifest, key: str) -> tuple[str | None, ...]:
+    """The sha256 of every artifact of entry ``key``: what the thresholds were measured on."""
+    entry = manifest.target(key)
+    return tuple(manifest.files.get(rel) for rel in (*entry.segments, entry.monolithic or ""))
+
+
+def _write(root: Path, key: str, result: CalibrationResult, *, basis: Manifest | None = None) -> CalibrationResult:
     import dataclasses
 
     folder = f"reports/{key}"
@@ -419,6 +425,11 @@ def _write(root: Path, key: str, result: CalibrationResult) -> CalibrationResult
     png = pareto_png(result.curve, result.check, result.costs, title, hline=hline, vline=vline)
     with edit_bundle(root) as writer:
         assert writer.manifest is not None
+        if basis is not None and _artifacts(writer.manifest, key) != _artifacts(basis, key):
+            raise CalibrationError(
+                f"{key} was compiled again while it was being calibrated (another process); its thresholds "
+                "would not fit the new artifacts, so none were written: run calibrate again"
+            )
         writer.replace_file(files[0], csv_data)
         writer.replace_file(files[1], png)
         entry = writer.manifest.target(key)

@@ -114,3 +114,34 @@ def test_concurrent_writers_and_readers_on_one_bundle(tmp_path: Path) -> None:
     assert "onnxruntime-fp32" in b.manifest.targets
     siblings = [p.name for p in root.parent.iterdir() if p.name not in (root.name, "x.npy", "worker.py")]
     assert siblings and all(name.startswith(".b.v") for name in siblings)  # versions only: no staging, no lock
+
+
+def test_thresholds_are_not_written_onto_a_recompiled_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    import edgeperceiver.calibration as cal
+    from edgeperceiver.errors import CalibrationError
+    from edgeperceiver.targets import compile_bundle
+    from edgeperceiver.types import Precision, TargetName
+
+    calibrate_module = importlib.import_module("edgeperceiver.calibration.calibrate")
+    monkeypatch.setenv("EDGEPERCEIVER_CACHE", str(tmp_path / "cache"))
+    root = make_toy_bundle(tmp_path / "b")
+    fast = {"latency_runs": 0, "report_samples": 0, "threads": 1}
+    compile_bundle(root, TargetName.ONNXRUNTIME, Precision.INT8, calib_data=toy_inputs(16, seed=2), options=fast)
+    x = toy_inputs(60, seed=5)
+    np.savez(tmp_path / "held.npz", x=x, y=np.arange(60) % 5)
+    real_choose = calibrate_module.choose
+
+    def choose_while_another_process_recompiles(*args, **kwargs):  # type: ignore[no-untyped-def]
+        compile_bundle(root, TargetName.ONNXRUNTIME, Precision.INT8, calib_data=toy_inputs(16, seed=9), options=fast)
+        return real_choose(*args, **kwargs)
+
+    monkeypatch.setattr(calibrate_module, "choose", choose_while_another_process_recompiles)
+    with pytest.raises(CalibrationError, match="compiled again while it was being calibrated"):
+        cal.calibrate(root, tmp_path / "held.npz", target="onnxruntime-int8", goal=cal.MaxDrop(100))
+    assert Bundle.open(root).manifest.target("onnxruntime-int8").thresholds is None
+    monkeypatch.setattr(calibrate_module, "choose", real_choose)
+    result = cal.calibrate(root, tmp_path / "held.npz", target="onnxruntime-int8", goal=cal.MaxDrop(100))
+    assert Bundle.open(root).manifest.target("onnxruntime-int8").thresholds == result.thresholds
+
