@@ -49,8 +49,9 @@ def compile_bundle(
 
     ``calib_data``: an ImageFolder/image directory, a ``.npz`` with ``x``, or an (N, C, H, W)
     float32 array of preprocessed images; ``calib_samples`` caps how many are used. Targets that
-    quantize (OpenVINO and ONNX Runtime INT8) require it; TensorRT INT8 reads the scales from the
-    QDQ graph. The bundle is untouched unless compilation succeeds.
+    quantize (OpenVINO and ONNX Runtime INT8) require it; TensorRT INT8 uses it to make the bundle's
+    quantization stage, else reads the stage already recorded. The bundle is untouched unless
+    compilation succeeds.
     """
     if precision not in SUPPORTED[target]:
         have = ", ".join(p.value for p in SUPPORTED[target])

@@ -121,6 +121,8 @@ def test_build_options_defaults_and_cli_strings() -> None:
     opts = BuildOptions.from_mapping({})
     assert (opts.max_batch, opts.opt, opts.strongly_typed, opts.workspace_mb) == (32, 8, None, 1024)
     assert (opts.int8_fp16, opts.fp16_carried, opts.dla_core, opts.quant.preset) == (True, True, None, "performance")
+    assert opts.quant.bias_correction is False  # TensorRT's INT8 default (docs/tensorrt.md)
+    assert BuildOptions.from_mapping({"bias_correction": "true"}).quant.bias_correction is True
     assert BuildOptions.from_mapping({"dla_core": "1", "preset": "mixed"}).quant.preset == "mixed"
     opts = BuildOptions.from_mapping({"max_batch": "4", "strongly_typed": "true", "int8_fp16": "0"})
     assert (opts.max_batch, opts.opt, opts.strongly_typed, opts.int8_fp16) == (4, 4, True, False)
