@@ -11,8 +11,9 @@ the settings, the images and the FP32 graph), so a new stage never overwrites fi
 existing target entry still reads.
 
 The other branch: OpenVINO INT8 by default quantizes each OpenVINO segment with NNCF on
-calibration inputs made by the earlier segments (``targets/openvino.py``, ``method=segment``);
-its ``method=qdq`` reads this stage's graph instead.
+calibration inputs made by the earlier segments (``targets/openvino_quantize.py``,
+``method=segment``); its ``method=qdq`` quantizes the whole graph the same way
+(:func:`edgeperceiver.quantize.qdq_segments`) but does not record it as this stage.
 """
 
 from __future__ import annotations
