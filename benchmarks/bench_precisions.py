@@ -92,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--block", type=int, default=5)
     p.add_argument("--calib", type=int, default=128, help="synthetic calibration images (reg800m)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: the process's CPU time (robust to other processes' load; with --threads 1)")
+    p.add_argument("--no-eager", action="store_true", help="skip PyTorch eager")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     import onnxruntime
@@ -114,17 +117,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows[f"{prec} monolithic"] = monolithic(f"openvino-{prec}", args.threads)(bundle)
             rows[f"{prec} Runner never-exit"] = never_exit(bundle, f"openvino-{prec}", args.threads)
         rows["auto Runner never-exit"] = never_exit(bundle, "openvino-auto", args.threads)
-        if not args.demo:
+        if not args.demo and not args.no_eager and args.clock == "wall":  # eager runs in its own process
             ckpt = GOLDEN / f"{MODEL}.fp16.pth"
             rows["PyTorch eager fp32"] = pytorch_eager(args.threads, ckpt if ckpt.is_file() else None, 1)(bundle)
         jobs = {n: (lambda f=f: f(x)) for n, f in rows.items()}
         print(f"timing {len(jobs)} contenders, {args.rounds} rounds x {args.block} calls ...", file=sys.stderr)
-        times = interleaved(jobs, repeats=args.rounds * args.block, block=args.block, settle=1, min_seconds=1.0)
+        times = interleaved(jobs, repeats=args.rounds * args.block, block=args.block, settle=1, min_seconds=1.0,
+                            clock=args.clock)
         med = {n: statistics.median(t) * 1e3 for n, t in times.items()}
         auto = manifest.target("openvino-auto").metadata.get("auto", {})
         if args.bundle is None and args.json is not None:
             shutil.copytree(bundle, args.json.with_suffix(".bundle"), dirs_exist_ok=True)
-    print(f"{name}, batch 1, {args.threads} threads; CPU {cpu_model()}; OpenVINO {ov.get_version()}, "
+    print(f"{name}, batch 1, {args.threads} threads, {args.clock} clock; CPU {cpu_model()}; "
+          f"OpenVINO {ov.get_version()}, "
           f"onnxruntime {onnxruntime.__version__}, numpy {np.__version__}; {datetime.date.today().isoformat()}")
     print("| contender | median ms |\n|---|---:|")
     for n, v in med.items():

@@ -27,10 +27,21 @@ def fastest_passing(
     gate_points: float = GATE_POINTS,
     fallback: str,
 ) -> str:
-    """The candidate whose whole chain is fastest among those within the gate at every exit."""
+    """The candidate whose whole chain is fastest among those within the gate at every exit.
+
+    Where none is (a build that cannot match FP32 at all, e.g. untrained weights), the gate
+    is taken relative to ``fallback``: the fastest candidate that agrees with FP32 at every
+    exit at most ``gate_points`` less than ``fallback`` does.
+    """
     ok = [n for n in segment_ms if all(passes(agreement.get(n, [1.0] * len(segment_ms[n])), gate_points))]
     if not ok:
-        return fallback
+        ref = agreement.get(fallback)
+        if ref is None:
+            return fallback
+        floor = [r - gate_points / 100.0 - 1e-12 for r in ref]
+        ok = [n for n in segment_ms if n in agreement and all(a >= f for a, f in zip(agreement[n], floor, strict=True))]
+        if fallback not in ok:
+            ok.append(fallback)
     return min(ok, key=lambda n: sum(segment_ms[n]))
 
 

@@ -39,7 +39,13 @@ def test_fastest_candidate_outside_the_gate_is_never_chosen() -> None:
     # exit 2 only judged at exit 2: bf16 within the gate there
     agree["int8"] = [1.0, 0.9]
     assert per_segment(ms, agree, fallback="fp32") == ["int8", "bf16"]
-    assert fastest_passing(ms, {n: [0.0, 0.0] for n in ms}, fallback="fp32") == "fp32"
+    assert fastest_passing(ms, {"bf16": [0.0, 0.0], "int8": [0.5, 0.5]}, fallback="fp32") == "fp32"  # unmeasured
+    # nothing matches FP32 (untrained weights): the gate holds relative to the fallback
+    agree = {"int8": [0.95, 0.60], "int8+bf16": [0.953, 0.63], "slow": [0.99, 0.99]}
+    ms = {"int8": [2.0, 1.0], "int8+bf16": [1.0, 0.5], "slow": [3.0, 3.0]}
+    assert fastest_passing(ms, agree, fallback="int8") == "int8+bf16"
+    agree["int8+bf16"] = [0.94, 0.63]  # loses a point at exit 1 against the fallback
+    assert fastest_passing(ms, agree, fallback="int8") == "int8"
 
 
 # ----------------------------------------------------------------------------- on OpenVINO
