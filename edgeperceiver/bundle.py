@@ -54,9 +54,25 @@ from .manifest import (
 )
 
 __all__ = [
-    "BATCH", "MANIFEST", "SCHEMA", "Bundle", "BundleWriter", "Dim", "Manifest", "Preprocess", "QuantizedGraph",
-    "SegmentSpec", "TargetEntry", "TensorSpec", "Thresholds", "check_destination", "edit_bundle", "is_bundle_dir",
-    "sha256_file", "target_key", "write_bundle",
+    "BATCH",
+    "MANIFEST",
+    "SCHEMA",
+    "Bundle",
+    "BundleWriter",
+    "Dim",
+    "Manifest",
+    "Preprocess",
+    "QuantizedGraph",
+    "SegmentSpec",
+    "TargetEntry",
+    "TensorSpec",
+    "Thresholds",
+    "check_destination",
+    "edit_bundle",
+    "is_bundle_dir",
+    "sha256_file",
+    "target_key",
+    "write_bundle",
 ]
 
 

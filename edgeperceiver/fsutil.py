@@ -153,9 +153,7 @@ class FileLock:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             except OSError as exc:
-                raise BundleError(
-                    f"cannot create the lock file {self.path} for {self.what}: {exc.strerror}"
-                ) from exc
+                raise BundleError(f"cannot create the lock file {self.path} for {self.what}: {exc.strerror}") from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -221,8 +221,17 @@ def target_key(target: TargetName, precision: Precision) -> str:
 
 
 def _itemsize(dtype: str) -> int:
-    sizes = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4,
-             "int8": 1, "uint8": 1, "bool": 1}
+    sizes = {
+        "float32": 4,
+        "float16": 2,
+        "bfloat16": 2,
+        "float64": 8,
+        "int64": 8,
+        "int32": 4,
+        "int8": 1,
+        "uint8": 1,
+        "bool": 1,
+    }
     if dtype not in sizes:
         raise BundleError(f"unsupported tensor dtype {dtype!r}")
     return sizes[dtype]
@@ -268,9 +277,13 @@ def _quantized(q: Mapping[str, Any] | None, num_segments: int) -> QuantizedGraph
     if q is None:
         return None
     stage = QuantizedGraph(
-        model=str(q["model"]), segments=tuple(str(x) for x in q["segments"]), tool=str(q["tool"]),
-        preset=str(q["preset"]), calibration_sha256=str(q["calibration_sha256"]),
-        calibration_images=int(q["calibration_images"]), config=dict(q.get("config", {})),
+        model=str(q["model"]),
+        segments=tuple(str(x) for x in q["segments"]),
+        tool=str(q["tool"]),
+        preset=str(q["preset"]),
+        calibration_sha256=str(q["calibration_sha256"]),
+        calibration_images=int(q["calibration_images"]),
+        config=dict(q.get("config", {})),
         format=str(q.get("format", "QDQ")),
     )
     if len(stage.segments) != num_segments:
@@ -281,10 +294,14 @@ def _quantized(q: Mapping[str, Any] | None, num_segments: int) -> QuantizedGraph
 def _manifest_from_dict(d: Mapping[str, Any]) -> Manifest:
     segments = tuple(
         SegmentSpec(
-            index=int(s["index"]), path=str(s["path"]), exit=str(s["exit"]),
-            inputs=_tensors(s["inputs"]), outputs=_tensors(s["outputs"]),
+            index=int(s["index"]),
+            path=str(s["path"]),
+            exit=str(s["exit"]),
+            inputs=_tensors(s["inputs"]),
+            outputs=_tensors(s["outputs"]),
             live_after=tuple(str(x) for x in s["live_after"]),
-            params=int(s.get("params", 0)), flops=int(s.get("flops", 0)),
+            params=int(s.get("params", 0)),
+            flops=int(s.get("flops", 0)),
             carried_bytes=int(s.get("carried_bytes", 0)),
         )
         for s in d["segments"]
@@ -295,19 +312,24 @@ def _manifest_from_dict(d: Mapping[str, Any]) -> Manifest:
     pre = Preprocess(
         size=(int(p["size"][0]), int(p["size"][1])),
         resize=None if p.get("resize") is None else int(p["resize"]),
-        mean=tuple(float(x) for x in p["mean"]), std=tuple(float(x) for x in p["std"]),
-        channels=int(p.get("channels", 3)), interpolation=str(p.get("interpolation", "bilinear")),
+        mean=tuple(float(x) for x in p["mean"]),
+        std=tuple(float(x) for x in p["std"]),
+        channels=int(p.get("channels", 3)),
+        interpolation=str(p.get("interpolation", "bilinear")),
     )
     targets = {}
     for key, t in dict(d.get("targets", {})).items():
         entry = TargetEntry(
-            target=TargetName(t["target"]), precision=Precision(t["precision"]),
+            target=TargetName(t["target"]),
+            precision=Precision(t["precision"]),
             segments=tuple(str(x) for x in t["segments"]),
             monolithic=None if t.get("monolithic") is None else str(t["monolithic"]),
-            metadata=dict(t.get("metadata", {})), thresholds=_thresholds(t.get("thresholds")),
+            metadata=dict(t.get("metadata", {})),
+            thresholds=_thresholds(t.get("thresholds")),
             calibration=dict(t.get("calibration", {})),
             latency_ms=tuple(float(x) for x in t.get("latency_ms", ())),
-            compiled=int(t.get("compiled", 0)), calibrated=int(t.get("calibrated", 0)),
+            compiled=int(t.get("compiled", 0)),
+            calibrated=int(t.get("calibrated", 0)),
         )
         if entry.key != key:
             raise ValueError(f"target key {key!r} does not match its entry {entry.key!r}")
@@ -316,12 +338,19 @@ def _manifest_from_dict(d: Mapping[str, Any]) -> Manifest:
         targets[key] = entry
     classes = d.get("classes")
     manifest = Manifest(
-        model_name=str(d["model_name"]), source=str(d["source"]), opset=int(d["opset"]),
-        input=_tensor(d["input"]), num_classes=int(d["num_classes"]), preprocess=pre,
-        segments=segments, model_path=str(d.get("model_path", "model.onnx")),
+        model_name=str(d["model_name"]),
+        source=str(d["source"]),
+        opset=int(d["opset"]),
+        input=_tensor(d["input"]),
+        num_classes=int(d["num_classes"]),
+        preprocess=pre,
+        segments=segments,
+        model_path=str(d.get("model_path", "model.onnx")),
         classes=None if classes is None else tuple(str(c) for c in classes),
-        targets=targets, files={str(k): str(v) for k, v in dict(d.get("files", {})).items()},
-        extra=dict(d.get("extra", {})), schema=str(d["schema"]),
+        targets=targets,
+        files={str(k): str(v) for k, v in dict(d.get("files", {})).items()},
+        extra=dict(d.get("extra", {})),
+        schema=str(d["schema"]),
         quantization=_quantized(d.get("quantization"), len(segments)),
     )
     _check_ranges(manifest)

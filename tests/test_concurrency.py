@@ -144,4 +144,3 @@ def test_thresholds_are_not_written_onto_a_recompiled_entry(tmp_path: Path, monk
     monkeypatch.setattr(calibrate_module, "choose", real_choose)
     result = cal.calibrate(root, tmp_path / "held.npz", target="onnxruntime-int8", goal=cal.MaxDrop(100))
     assert Bundle.open(root).manifest.target("onnxruntime-int8").thresholds == result.thresholds
-

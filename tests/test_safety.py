@@ -314,9 +314,7 @@ def test_skipped_images_and_empty_classes_are_named(tmp_path: Path) -> None:
     assert len(data) == 24 and data.skipped == (str(root / "a" / "broken.png"),)
 
 
-def test_compile_names_the_calibration_images_it_skips(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_compile_names_the_calibration_images_it_skips(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from PIL import Image
 
     from edgeperceiver.cli import main
