@@ -211,8 +211,7 @@ def _is_visible(p: Path, root: Path) -> bool:
 
 def _images_below(folder: Path, root: Path) -> list[Path]:
     return sorted(
-        f for f in folder.rglob("*")
-        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and _is_visible(f, root)
+        f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and _is_visible(f, root)
     )
 
 
@@ -230,9 +229,12 @@ def _load_directory(
         for label, d in enumerate(class_dirs):
             found = _images_below(d, root)
             if not found:
-                warnings.warn(DataWarning(
-                    f"{d}: class folder {d.name!r} (label {label}) holds no images; that class has no held-out samples"
-                ), stacklevel=3)
+                warnings.warn(
+                    DataWarning(
+                        f"{d}: class folder {d.name!r} (label {label}) holds no images; that class has no held-out samples"
+                    ),
+                    stacklevel=3,
+                )
             files.extend(found)
             labels.extend([label] * len(found))
     else:

@@ -60,8 +60,7 @@ def printable(text: str) -> str:
     """
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() else (f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}")
-                   for c in text)
+    return "".join(c if c.isprintable() else (f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}") for c in text)
 
 
 def render_rows(rows: Sequence[ResultRow], *, as_json: bool = False) -> str:
@@ -69,8 +68,9 @@ def render_rows(rows: Sequence[ResultRow], *, as_json: bool = False) -> str:
     if as_json:
         return "\n".join(json.dumps(asdict(r)) for r in rows)
     header = ("file", "label", "class", "exit", "confidence")
-    body = [(printable(r.file), str(r.label), printable(r.class_name), str(r.exit), f"{r.confidence:.4f}")
-            for r in rows]
+    body = [
+        (printable(r.file), str(r.label), printable(r.class_name), str(r.exit), f"{r.confidence:.4f}") for r in rows
+    ]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
     right = {1, 3, 4}
 

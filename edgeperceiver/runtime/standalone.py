@@ -24,8 +24,16 @@ from ..errors import ExportError
 from ..fsutil import atomic_write
 
 #: package files (relative to the package root) that the runtime needs, besides runtime/*.py
-CORE_FILES = ("__init__.py", "errors.py", "_optional.py", "types.py", "fsutil.py", "versioned.py", "manifest.py",
-              "bundle.py")
+CORE_FILES = (
+    "__init__.py",
+    "errors.py",
+    "_optional.py",
+    "types.py",
+    "fsutil.py",
+    "versioned.py",
+    "manifest.py",
+    "bundle.py",
+)
 
 RUN_SCRIPT = '''\
 #!/usr/bin/env python3
