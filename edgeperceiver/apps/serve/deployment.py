@@ -233,3 +233,17 @@ def build_app(config: ServeConfig) -> Any:
         logging_config={"log_level": "WARNING", "enable_access_log": config.access_log},
     )(EdgePerceiverModel)
     return deployment.bind(config)
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Application builder for Serve config files and KubeRay (``import_path: ...:app_builder``).
+
+    ``args`` holds :class:`ServeConfig` fields (``bundle`` required; ``thresholds`` a list
+    with ``null`` for an exit turned off).
+    """
+    options = dict(args)
+    if "bundle" not in options:
+        raise InputError("the application's args need 'bundle': the bundle directory on every node")
+    if options.get("thresholds") is not None:
+        options["thresholds"] = tuple(options["thresholds"])
+    return build_app(ServeConfig.for_bundle(options.pop("bundle"), **options))
