@@ -231,7 +231,8 @@ def _load_directory(
             if not found:
                 warnings.warn(
                     DataWarning(
-                        f"{d}: class folder {d.name!r} (label {label}) holds no images; that class has no held-out samples"
+                        f"{d}: class folder {d.name!r} (label {label}) holds no images; "
+                        "that class has no held-out samples"
                     ),
                     stacklevel=3,
                 )
