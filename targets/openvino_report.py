@@ -80,7 +80,11 @@ def report(
         slower = [str(k) for k, v in enumerate(out["speedup_vs_fp32"], start=1) if v < 1.0]
         if slower:
             where = "every exit" if len(slower) == len(cumulative) else "exit " + ", ".join(slower)
-            log(f"  note: {label} is slower than FP32 to {where} on this CPU (typical of small layers, where "
-                "per-node overhead outweighs the kernels); --precision fp32 or auto may serve better")
+            if label == "auto":  # chosen segment by segment in an earlier loop: this one disagrees
+                log(f"  note: this loop measured the chosen segments slower than FP32 to {where} (the two "
+                    "loops differ by the machine's noise)")
+            else:
+                log(f"  note: {label} is slower than FP32 to {where} on this CPU (typical of small layers, where "
+                    "per-node overhead outweighs the kernels); --precision fp32 or auto may serve better")
     out["latency_threads"] = backend.config.threads
     return out
