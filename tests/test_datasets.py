@@ -63,3 +63,17 @@ def test_write_imagefolder(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="labels"):
         write_imagefolder(x, y + 10, s.classes, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_write_imagefolder_follows_the_umask(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        dest = write_imagefolder(np.zeros((2, 8, 8, 3), np.uint8), np.array([0, 1]), ("a", "b"), tmp_path / "held")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o750
+    assert stat.S_IMODE((dest / "a").stat().st_mode) == 0o750
+    assert [p.name for p in tmp_path.iterdir()] == ["held"]  # no staging left beside it

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from PIL import Image
 
 from .._optional import require
 from ..errors import InputError
+from ..fsutil import make_dir, temp_name
 
 CLASSES: tuple[str, ...] = tuple(str(i) for i in range(10))
 HELDOUT_FRACTION = 0.3
@@ -116,10 +116,10 @@ def write_imagefolder(
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise InputError(f"{dest} exists and is not an empty directory")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    stage = make_dir(temp_name(dest, "staging"))  # umask modes, unlike mkdtemp's 0700
     try:
         for name in classes:
-            (stage / name).mkdir()
+            make_dir(stage / name)
         width = max(5, len(str(len(images))))
         for i, (img, y) in enumerate(zip(images, labels, strict=True)):
             Image.fromarray(img).save(stage / classes[int(y)] / f"{i:0{width}d}.png")
