@@ -187,6 +187,50 @@ def test_client_reports_an_unreachable_service() -> None:
         Client("ftp://127.0.0.1/x")
 
 
+def test_cli_serve_refuses_a_missing_bundle_before_starting_ray(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("edgeperceiver")
+    proc = subprocess.run([str(exe), "serve", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == BundleError.exit_code
+    assert "is not a bundle" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_cli_serve_answers_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    """``edgeperceiver serve`` in its own process: ready, answers like the runner, exits 0 on SIGTERM."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("ray.serve")
+    bundle = make_toy_bundle(tmp_path / "b", thresholds=[0.4, 0.36, None])
+    port = free_port()
+    exe = Path(sys.executable).with_name("edgeperceiver")
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([str(exe), "serve", str(bundle), "--port", str(port), "--max-batch", "4",
+                             "--replica-cpus", "0.5"], stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        client = Client(f"http://127.0.0.1:{port}", timeout=30)
+        info = client.wait_ready(timeout=150)
+        assert info["entry"] == "onnxruntime-fp32" and info["max_batch"] == 4
+        x = toy_inputs(5, seed=11)
+        want = load(bundle).predict(x)
+        assert_same(client.predict_array(x)["predictions"], want.labels, want.exits)
+        deadline = time.monotonic() + 60  # the command says it serves once its own readiness check passed
+        while "Ctrl-C to stop" not in (tmp_path / "serve.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0, (tmp_path / "serve.log").read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        log.close()
+    text = (tmp_path / "serve.log").read_text()
+    assert f"POST http://127.0.0.1:{port}/predict" in text and "stopping" in text
+
+
 # --------------------------------------------------------------------------- one Ray instance per module
 
 
@@ -196,14 +240,19 @@ def ray_port() -> Iterator[int]:
     pytest.importorskip("ray.serve")
     from edgeperceiver.apps.serve import stop
 
+    METRICS_PORT.append(free_port())
     yield free_port()
     stop()
+
+
+#: the Prometheus port of the module's Ray instance (chosen by ``ray_port``)
+METRICS_PORT: list[int] = []
 
 
 def _deploy(config: ServeConfig, port: int) -> str:
     from edgeperceiver.apps.serve import start
 
-    return start(config, port=port, num_cpus=4, ready_timeout=120)
+    return start(config, port=port, num_cpus=4, metrics_port=METRICS_PORT[-1], ready_timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -286,6 +335,31 @@ def test_bad_requests_get_a_4xx_json_error(toy: tuple[str, Path]) -> None:
     assert client.predict_array(x)["exit"] in (1, 2, 3)
     errors = client.stats()["errors"]
     assert errors.get("body_too_large", 0) >= 1 and errors.get("undecodable_image", 0) >= 1
+
+
+@pytest.mark.slow
+def test_prometheus_metrics_show_requests_errors_batches_and_exits(toy: tuple[str, Path]) -> None:
+    import re
+    import urllib.request
+
+    url, _ = toy
+    client = Client(url)
+    client.predict_array(toy_inputs(6, seed=9))
+    with pytest.raises(ServiceError):
+        client.predict(b"not an image", "image/png")
+    want = ["ray_edgeperceiver_requests_total", "ray_edgeperceiver_errors_total", "ray_edgeperceiver_batch_size_bucket",
+            "ray_edgeperceiver_batch_seconds_bucket", "ray_edgeperceiver_exit_samples_total"]  # fmt: skip
+    found: set[str] = set()
+    deadline = time.monotonic() + 60  # replicas push metrics to the node's agent every few seconds
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT[-1]}/metrics", timeout=10).read().decode()
+        found = {name for name in want if re.search(rf'^{name}{{[^}}]*application="toy"', text, re.M)}
+        if found == set(want):
+            break
+        time.sleep(2)
+    assert found == set(want), f"missing: {sorted(set(want) - found)}"
+    assert re.search(r'^ray_edgeperceiver_errors_total{[^}]*kind="undecodable_image"', text, re.M)
+    assert re.search(r'^ray_edgeperceiver_exit_samples_total{[^}]*exit="\d"', text, re.M)
 
 
 # --------------------------------------------------------------------------- the digits model (slow)

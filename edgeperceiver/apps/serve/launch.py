@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +37,7 @@ def start(
     num_cpus: int | None = None,
     haproxy: bool = True,
     proxy_location: str = "EveryNode",
+    metrics_port: int | None = None,
     ready_timeout: float = 120.0,
 ) -> str:
     """Deploy ``config`` and return the service URL once a replica answers ``/readyz``.
@@ -47,7 +50,9 @@ def start(
     ``haproxy``: a Ray instance started here takes HTTP through Ray Serve's HAProxy
     ingress (``RAY_SERVE_ENABLE_HA_PROXY=1``), which forwards straight to the replicas; the
     Python proxy costs several times more CPU per request. A joined cluster keeps the
-    ingress its ``ray start`` chose (set the variable there).
+    ingress its ``ray start`` chose (set the variable there). ``metrics_port``: where
+    this machine's Ray metrics agent serves Prometheus text (``/metrics``), for a Ray
+    instance started here (``ray start --metrics-export-port`` for a cluster).
     """
     if haproxy and address is None:
         os.environ.setdefault(HAPROXY_ENV, "1")
@@ -59,7 +64,7 @@ def start(
     if not ray.is_initialized():
         if address is None:
             ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", configure_logging=True,
-                     _node_ip_address="127.0.0.1")  # fmt: skip
+                     _node_ip_address="127.0.0.1", _metrics_export_port=metrics_port)  # fmt: skip
         else:
             ray.init(address=address, logging_level="WARNING")
     serve.start(http_options={"host": host, "port": port}, proxy_location=proxy_location)
@@ -96,25 +101,37 @@ def serve_bundle(
     echo: Echo = print,
     wait: Callable[[], None] | None = None,
 ) -> None:
-    """Serve until interrupted (``wait`` returns; default: sleep until Ctrl-C), then clean up.
+    """Serve until ``wait`` returns (default: until Ctrl-C or SIGTERM), then clean up.
 
     Joining a cluster (``address``), only this application is deleted on exit; a Ray
     instance started here is shut down with it.
     """
     url = start(config, address=address, host=host, port=port, haproxy=haproxy)
-    info = Client(url).ready()
-    th = info["thresholds"]
-    echo(f"serving {config.bundle} ({info['entry']}, {info['exits']} exits, thresholds {th}) "
-         f"with {config.replicas} replica(s), batches of up to {config.max_batch} "
-         f"(wait {config.batch_wait_ms:g} ms)")  # fmt: skip
-    echo(f"POST {url}/predict  (image bytes, JSON {{\"inputs\": [...]}} or .npy)   "
-         f"GET {url}/healthz /readyz /stats")  # fmt: skip
-    echo("Ctrl-C to stop")
+    # SIGTERM (how process managers and Kubernetes stop a process) stops like Ctrl-C; Ray's
+    # own handler, set by ray.init, would exit without cleaning up
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
+        info = Client(url).ready()
+        echo(f"serving {config.bundle} ({info['entry']}, {info['exits']} exits, thresholds {info['thresholds']}) "
+             f"with {config.replicas} replica(s), batches of up to {config.max_batch} "
+             f"(wait {config.batch_wait_ms:g} ms)")  # fmt: skip
+        echo(f"POST {url}/predict  (image bytes, JSON {{\"inputs\": [...]}} or .npy)   "
+             f"GET {url}/healthz /readyz /stats")  # fmt: skip
+        echo("Ctrl-C to stop")
         if wait is not None:
             wait()
         else:
             while True:
                 time.sleep(3600)
+    except KeyboardInterrupt:
+        echo("stopping")
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         stop(config, shutdown=address is None)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
