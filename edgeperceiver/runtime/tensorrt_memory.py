@@ -141,15 +141,16 @@ class PinnedBuffer:
 class SharedScratch:
     """One device allocation used as every execution context's scratch memory.
 
-    ``need(n)`` grows it to at least ``n`` bytes (a larger allocation replaces the old one;
-    ``on_grow`` callbacks rebind the contexts that used the old address).
+    ``need(n)`` grows it to at least ``n`` bytes: a larger allocation replaces the old one
+    and the subscribed callbacks rebind the contexts to it. Replaced allocations stay alive
+    until :meth:`release` (a CUDA graph captured earlier still points at them).
     """
 
     def __init__(self, allocate: Callable[[int], Any]) -> None:
         self._allocate = allocate
         self._alloc: Any = None
         self.size = 0
-        self.generation = 0  #: bumped on every reallocation (captured CUDA graphs hold the address)
+        self._retired: list[Any] = []
         self._listeners: list[Callable[[int, int], None]] = []
 
     @property
@@ -159,14 +160,12 @@ class SharedScratch:
     def need(self, nbytes: int) -> None:
         if nbytes <= self.size:
             return
-        old = self._alloc
+        if self._alloc is not None:
+            self._retired.append(self._alloc)
         self._alloc = self._allocate(int(nbytes))
         self.size = int(nbytes)
-        self.generation += 1
         for listener in self._listeners:
             listener(self.ptr, self.size)
-        if old is not None and hasattr(old, "free"):
-            old.free()
 
     def subscribe(self, listener: Callable[[int, int], None]) -> None:
         """Call ``listener(ptr, size)`` now (when allocated) and after every reallocation."""
@@ -180,7 +179,9 @@ class SharedScratch:
 
     def release(self) -> None:
         self._listeners.clear()
-        if self._alloc is not None and hasattr(self._alloc, "free"):
-            self._alloc.free()
+        for alloc in [*self._retired, self._alloc]:
+            if alloc is not None and hasattr(alloc, "free"):
+                alloc.free()
+        self._retired.clear()
         self._alloc = None
         self.size = 0

@@ -6,12 +6,13 @@ pinned staging. Outputs are pooled device buffers sized for the session's maximu
 (so the pool reuses them and no run reaches ``cudaMalloc`` after warm-up). Every
 ``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3`` result is checked.
 
-At batch 1 a second execution context, with fixed input/output buffers, is captured once
-into a CUDA graph and replayed: launch overhead dominates small segments on Jetson. The
-inputs are copied into the fixed buffers and the outputs out of them, on the same
-stream, so results never alias between calls or threads. Where capture fails (an engine
-with host-side work, a pycuda without graph support) the session falls back to plain
-``execute_async_v3`` and says so in the backend's log.
+At batch 1 a second execution context, with fixed input/output buffers, is captured into
+a CUDA graph once, when the session opens (the runner opens its sessions one after another
+in one thread, so no other work reaches the stream during a capture), and replayed:
+launch overhead dominates small segments on Jetson. The inputs are copied into the fixed
+buffers and the outputs out of them, on the same stream, so results never alias between
+calls or threads. Where capture fails (an engine with host-side work, a pycuda without
+graph support) the session runs plain ``execute_async_v3`` and says so in the backend's log.
 
 Standard library and numpy at import time; the backend passes the TensorRT module in.
 """
@@ -80,7 +81,6 @@ class _Graph:
     inputs: dict[str, Any]
     outputs: dict[str, Any]
     exec: Any
-    generation: int  #: the scratch generation it was captured with
 
 
 class TensorRTSession(SessionBase):
@@ -120,6 +120,8 @@ class TensorRTSession(SessionBase):
         # output buffers for the largest batch, reserved once so the pool holds them from now on
         reserved = [host.reserve(self.batch_cap * b.row_bytes) for b in self.outputs]
         del reserved
+        if self._graphs:
+            self._graph = self._capture()
 
     @property
     def batch_cap(self) -> int:
@@ -135,10 +137,8 @@ class TensorRTSession(SessionBase):
         return context
 
     def _bind_scratch(self, ptr: int, size: int) -> None:
-        """Point the contexts at the shared scratch (again, after it grew)."""
+        """Point the context at the shared scratch (again, after it grew; a captured graph keeps its own)."""
         self.context.set_device_memory(ptr, size)
-        if self._graph is not None:
-            self._graph.context.set_device_memory(ptr, size)
 
     @staticmethod
     def _binding(engine: trt.ICudaEngine, name: str) -> Binding:
@@ -218,10 +218,8 @@ class TensorRTSession(SessionBase):
     # ------------------------------------------------------------------ CUDA graphs (batch 1)
     def _run_graph(self, ptrs: Mapping[str, int]) -> dict[str, Any] | None:
         graph = self._graph
-        if graph is None or graph.generation != self.host.scratch.generation:
-            graph = self._capture()
-            if graph is None:
-                return None
+        if graph is None:
+            return None
         cuda, stream = self.host.cuda, self.host.stream
         for b in self.inputs:
             cuda.memcpy_dtod_async(int(graph.inputs[b.name]), ptrs[b.name], b.row_bytes, stream)
@@ -236,13 +234,15 @@ class TensorRTSession(SessionBase):
         return out
 
     def _capture(self) -> _Graph | None:
-        """Capture the batch-1 context into a CUDA graph; None (and no more tries) where that fails."""
+        """Capture the batch-1 context into a CUDA graph; None (and plain enqueues) where that fails."""
         stream = self.host.stream
         try:
-            context = self._graph.context if self._graph is not None else self._new_context()
+            context = self._new_context()
             context.set_device_memory(self.host.scratch.ptr, self.host.scratch.size)
             ins = {b.name: self.host.allocate(b.row_bytes) for b in self.inputs}
             outs = {b.name: self.host.allocate(b.row_bytes) for b in self.outputs}
+            for b in self.inputs:  # defined inputs for the warm-up run
+                self.host.cuda.memcpy_htod_async(int(ins[b.name]), np.zeros(b.row_bytes, np.uint8), stream)
             for b in self.inputs:
                 checked(context.set_input_shape(b.name, (1, *b.sample_shape)), f"shape 1 for {b.name!r}")
                 checked(context.set_tensor_address(b.name, int(ins[b.name])), f"the address of {b.name!r}")
@@ -257,13 +257,11 @@ class TensorRTSession(SessionBase):
             finally:
                 captured = stream.end_capture()
             checked(ok, "execute_async_v3 under graph capture")
-            graph = _Graph(context, ins, outs, captured.instantiate(), self.host.scratch.generation)
+            graph = _Graph(context, ins, outs, captured.instantiate())
         except Exception as exc:  # pycuda/TensorRT errors without a common base; fall back for good
             self._graphs = False
-            self._graph = None
             self.host.log.mark(f"segment {self.segment.index}: no CUDA graph at batch 1 ({exc}); plain enqueue")
             return None
-        self._graph = graph
         return graph
 
     def close(self) -> None:
