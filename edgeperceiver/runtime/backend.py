@@ -26,7 +26,7 @@ Standard library + numpy only; a backend module imports its engine lazily.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -99,6 +99,9 @@ class Backend(Protocol):
         ...
 
 
+_B = TypeVar("_B", bound="BackendBase")
+
+
 class SessionBase:
     """Defaults of the :class:`Session` protocol: no batch limit, nothing to release."""
 
@@ -109,7 +112,10 @@ class SessionBase:
 
 
 class BackendBase:
-    """Defaults of the :class:`Backend` protocol: not thread-safe, no chain, nothing to release."""
+    """Defaults of the :class:`Backend` protocol: not thread-safe, no chain, nothing to release.
+
+    A backend is also a context manager (``with create_backend(...) as backend:`` closes it).
+    """
 
     thread_safe = False
 
@@ -118,6 +124,12 @@ class BackendBase:
 
     def close(self) -> None:
         return None
+
+    def __enter__(self: _B) -> _B:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class HostArrays(BackendBase):
