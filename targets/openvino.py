@@ -17,7 +17,8 @@ INT8 (``calib`` = preprocessed real images), two methods (``options["method"]``)
   backend; its calibration inputs are made by running the earlier FP32 segments on the
   images. It kept every exit of the demo model within 0.5 point of FP32 (the QDQ path lost
   0.74 point on the last exit) at ~8% more latency on reg800m (see README.md, "OpenVINO").
-  With ``monolithic`` the whole graph is quantized the same way as the cut's reference.
+  With ``monolithic``, ``model.xml`` is the quantized segments joined back into one model
+  (:func:`edgeperceiver.passes.openvino_stitch.stitch_segments`): the cut's exact reference.
 
 AUTO (``--precision auto``, calibration images required): the candidates fp32, bf16 (where
 the CPU has it), int8 and int8 with bf16 float parts are compiled, timed per segment in one
@@ -49,6 +50,7 @@ from edgeperceiver.passes.openvino_bf16 import carry_bf16
 from edgeperceiver.passes.openvino_fuse import fuse_projections
 from edgeperceiver.passes.openvino_group_conv import per_channel_group_conv_weights
 from edgeperceiver.passes.openvino_norms import fold_norm_affine
+from edgeperceiver.passes.openvino_stitch import stitch_segments
 from edgeperceiver.quantize import QuantizeConfig, check_calibration, options_to
 from edgeperceiver.runtime.openvino import OpenVINOBackend
 from edgeperceiver.types import Precision, TargetName
@@ -56,7 +58,7 @@ from edgeperceiver.types import Precision, TargetName
 from . import openvino_auto as auto
 from .openvino_chains import Candidate, Chain, bf16_carried, shipped_models
 from .openvino_ir import Log, check_interface, cpu_name, has_bf16, read_fp32, save_ir
-from .openvino_quantize import monolithic_quantize, qdq_models, segment_quantize
+from .openvino_quantize import qdq_models, segment_quantize
 from .openvino_report import report as _report
 from .openvino_select import GATE_POINTS
 
@@ -162,10 +164,6 @@ def compile_target(
             q_models, mono_src = qdq_models(core, writer, manifest, calib, opts.quant)
         else:
             q_models = segment_quantize(backend, fp32.models, manifest, calib, opts.quant)
-            if opts.monolithic and precision is Precision.INT8:  # the same quantization of the whole graph
-                whole = read_fp32(core, writer.dir / manifest.model_path, fold_norms=opts.fold_norms,
-                                  fuse=opts.fuse_projections)[0]
-                mono_src = monolithic_quantize(whole, manifest, calib, opts.quant)
         metadata["quantize_seconds"] = round(time.perf_counter() - t0, 1)
         int8 = {"int8": Candidate("int8", q_models, ["int8"] * n, ["f32"] * n),
                 "int8+bf16": Candidate("int8+bf16", q_models, ["int8"] * n, ["bf16"] * n)}
@@ -205,6 +203,10 @@ def compile_target(
         metadata["carried_bf16"] = sorted(carried)
 
     models = shipped_models(manifest, cand)
+    if opts.monolithic and mono_src is None and len(set(hints)) == 1:
+        # segments quantized one by one (or chosen one by one): the monolithic reference is
+        # the same segments joined into one model, so the cut's price is the cut's alone
+        mono_src = stitch_segments(models, manifest.input.name, manifest.exits)
     if built is None:
         built = Chain(backend, manifest, cand, models)
     # staged files may be hard links to the live bundle: drop the old artifacts (links only)

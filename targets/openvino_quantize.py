@@ -60,15 +60,6 @@ def segment_quantize(
     return quantized
 
 
-def monolithic_quantize(whole: Any, manifest: Manifest, calib: np.ndarray, config: QuantizeConfig) -> Any:
-    """The whole graph quantized as the segments are: the cut's reference."""
-    whole.reshape({manifest.input.name: [1, *manifest.input.shape[1:]]})
-    feeds = [{manifest.input.name: calib[i : i + 1]} for i in range(calib.shape[0])]
-    mono = nncf_quantize(whole, feeds, config, exits=manifest.exits)
-    per_channel_group_conv_weights(mono)
-    return mono
-
-
 def reshaped(model: Any, spec: SegmentSpec, batch: int) -> Any:
     m = model.clone()
     m.reshape({t.name: [batch if d == BATCH else int(d) for d in t.shape] for t in spec.inputs})

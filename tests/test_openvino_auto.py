@@ -131,3 +131,33 @@ def test_auto_needs_calibration_images_and_other_targets_refuse_it(tmp_path: Pat
     with pytest.raises(InputError, match="gate_points"):
         compile_bundle(root, TargetName.OPENVINO, Precision.AUTO, calib_data=toy_inputs(8, size=SIZE),
                        options={"gate_points": -1})
+
+
+def test_stitched_segments_compute_what_the_chain_computes(auto: Path) -> None:
+    from edgeperceiver.passes.openvino_stitch import stitch_segments
+    from edgeperceiver.runtime.openvino import OpenVINOBackend
+
+    b = Bundle.open(auto)
+    m = b.manifest
+    backend = OpenVINOBackend(threads=1)
+    x = toy_inputs(4, size=SIZE, seed=5)
+    for key in ("openvino-fp32", "openvino-auto"):
+        entry = m.target(key)
+        models = [backend.core.read_model(str(b.path(s))) for s in entry.segments]
+        hints = entry.metadata.get("segment_inference_precision") or [entry.metadata["inference_precision"]] * 3
+        if len(set(hints)) > 1:
+            continue  # one compiled model has one float precision
+        stitched = stitch_segments(models, m.input.name, m.exits)
+        assert [p.get_any_name() for p in stitched.inputs] == [m.input.name]
+        stitched.reshape({m.input.name: [4, 3, SIZE, SIZE]})
+        cm = backend.core.compile_model(stitched, "CPU", backend.config.compile_properties(hints[0]))
+        out = cm.create_infer_request().infer([x])
+        got = [out[cm.outputs[k]] for k in range(len(m.exits))]
+        ref = load(auto, key, threads=1).all_exits(x)
+        for g, r in zip(got, ref, strict=True):
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(np.abs(r).max()))
+    # the INT8 entry's monolithic model is its stitched segments
+    compile_bundle(auto, TargetName.OPENVINO, Precision.INT8, calib_data=toy_inputs(16, size=SIZE, seed=3),
+                   options={**FAST, "float_precision": "f32"})
+    entry = Bundle.open(auto).manifest.target("openvino-int8")
+    assert entry.monolithic == "openvino-int8/model.xml" and entry.metadata["monolithic_ms"] > 0
