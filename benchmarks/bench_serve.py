@@ -3,14 +3,17 @@
 
     .venv/bin/python benchmarks/bench_serve.py [--bundle demo-out/bundle] [--images demo-out/heldout]
         [--entry E] [--concurrency 1,4,16,64] [--requests 400] [--rounds 2] [--max-batch 16]
-        [--batch-wait-ms 2] [--threads 1] [--json OUT]
+        [--batch-wait-ms 2] [--threads 1] [--exit-mix 0.4,0.3,0.2,0.1] [--json OUT]
 
 Deploys the bundle twice in one Ray Serve instance on this machine, one replica each: at
 ``/early`` with its calibrated thresholds and at ``/last`` with every exit but the last
 turned off (thresholds that never fire). Clients post the held-out images (PNG bodies) over
 keep-alive HTTP connections from ``c`` threads of this process; per concurrency, the two
 deployments are measured in alternating blocks (``--rounds`` each, order swapped every
-round), so drift of a shared machine hits both alike. Reported per row: requests/s,
+round), so drift of a shared machine hits both alike. With ``--exit-mix`` (models without
+a data set, e.g. reg800m with untrained weights) the first deployment forces each sample's
+exit in those proportions instead, and a bundle without a ``heldout/`` sibling gets smooth
+synthetic images. Reported per row: requests/s,
 p50 / p99 latency, the mean batch the replica formed, the replica's model time per sample
 (from its ``/stats``) and the exit mix.
 
@@ -79,11 +82,31 @@ def versions() -> str:
     return ", ".join(parts)
 
 
-def load_bodies(images: Path, limit: int) -> list[bytes]:
+def load_bodies(images: Path | None, limit: int) -> list[bytes]:
+    """PNG/JPEG... bodies of the images under ``images``; None: synthetic images (see below)."""
+    if images is None:
+        return []
     files = sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     if not files:
         raise SystemExit(f"no images under {images}")
     return [p.read_bytes() for p in files]
+
+
+def synthetic_bodies(height: int, width: int, n: int = 64, seed: int = 0) -> list[bytes]:
+    """Smooth random RGB images as PNG bodies (for models without a data set: untrained weights)."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
 
 
 def measure(client: Client, bodies: list[bytes], n: int, concurrency: int, num_exits: int) -> Row:
@@ -149,7 +172,10 @@ def render(rows: list[Row], header: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", type=Path, default=REPO / "demo-out" / "bundle")
-    ap.add_argument("--images", type=Path, default=None, help="default: the bundle's sibling heldout/")
+    ap.add_argument("--images", type=Path, default=None,
+                    help="default: the bundle's sibling heldout/, else synthetic smooth images")
+    ap.add_argument("--exit-mix", default=None,
+                    help="force exits in these proportions (untrained weights), e.g. 0.4,0.3,0.2,0.1")
     ap.add_argument("--entry", default=None)
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--requests", type=int, default=400, help="requests per measurement block")
@@ -161,35 +187,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     images = args.images or args.bundle.resolve().parent / "heldout"
-    bodies = load_bodies(images, 10_000)
-    num_exits = len(Bundle.open(args.bundle).manifest.segments)
+    manifest = Bundle.open(args.bundle).manifest
+    synthetic = not images.is_dir()
+    bodies = synthetic_bodies(*manifest.preprocess.size) if synthetic else load_bodies(images, 10_000)
+    num_exits = len(manifest.segments)
+    mix = None if args.exit_mix is None else tuple(float(v) for v in args.exit_mix.split(","))
+    early = "early exit" if mix is None else "exit mix"
     conc = [int(c) for c in args.concurrency.split(",")]
     common = dict(entry=args.entry, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, threads=args.threads,
                   max_samples=1, replica_cpus=0.5)  # fmt: skip
-    early_cfg = ServeConfig.for_bundle(args.bundle, name="early", route_prefix="/early", **common)  # type: ignore[arg-type]
+    early_cfg = ServeConfig.for_bundle(args.bundle, name="early", route_prefix="/early", exit_mix=mix,
+                                       **common)  # type: ignore[arg-type]  # fmt: skip
     last_cfg = ServeConfig.for_bundle(args.bundle, name="last", route_prefix="/last",
                                       thresholds=(None,) * num_exits, **common)  # type: ignore[arg-type]
     t_start = time.time()
     try:
-        urls = {"early exit": start(early_cfg, port=args.port), "last exit": start(last_cfg, port=args.port)}
-        clients = {m: Client(u, timeout=60) for m, u in urls.items()}
-        info = clients["early exit"].ready()
+        urls = {early: start(early_cfg, port=args.port), "last exit": start(last_cfg, port=args.port)}
+        clients = {m: Client(u, timeout=120) for m, u in urls.items()}
+        info = clients[early].ready()
         for c in clients.values():  # warm the path: connections, batch queue, engine
             measure(c, bodies, 64, 8, num_exits)
         rows: list[Row] = []
         for cc in conc:
-            per: dict[str, list[Row]] = {"early exit": [], "last exit": []}
+            per: dict[str, list[Row]] = {early: [], "last exit": []}
             for r in range(args.rounds):
-                order = ["early exit", "last exit"] if r % 2 == 0 else ["last exit", "early exit"]
+                order = [early, "last exit"] if r % 2 == 0 else ["last exit", early]
                 for mode in order:
                     per[mode].append(measure(clients[mode], bodies, args.requests, cc, num_exits))
-            rows += [combine(per["early exit"], "early exit"), combine(per["last exit"], "last exit")]
+            rows += [combine(per[early], early), combine(per["last exit"], "last exit")]
     finally:
         stop()
     load1, load5, _ = os.getloadavg()
     header = [
-        f"Ray Serve, bundle {args.bundle} entry {info['entry']} (thresholds {info['thresholds']}), "
-        f"{len(bodies)} held-out images as PNG bodies",
+        f"Ray Serve, bundle {args.bundle} entry {info['entry']} "
+        + (f"(thresholds {info['thresholds']})" if mix is None else f"(exits forced in proportions {list(mix)})")
+        + f", {len(bodies)} {'synthetic' if synthetic else 'held-out'} images as PNG bodies",
         f"1 replica per deployment, {args.threads} engine thread(s), batches of up to {args.max_batch} requests "
         f"(wait {args.batch_wait_ms:g} ms); {args.requests} requests x {args.rounds} rounds per row, medians",
         f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); {versions()}",

@@ -174,6 +174,10 @@ def test_config_is_checked_against_the_bundle(tmp_path: Path) -> None:
         ServeConfig.for_bundle(bundle, thresholds=(0.5, None))
     with pytest.raises(InputError, match="max_batch"):
         ServeConfig.for_bundle(bundle, max_batch=0)
+    with pytest.raises(InputError, match="2 proportions for a model with 3 exits"):
+        ServeConfig.for_bundle(bundle, exit_mix=(0.5, 0.5))
+    with pytest.raises(InputError, match="sum to 1"):
+        ServeConfig.for_bundle(bundle, exit_mix=(0.5, 0.6, 0.0))
     cfg = ServeConfig.for_bundle(bundle, replicas=2)
     assert Path(cfg.bundle).is_absolute() and cfg.replicas == 2
 
@@ -335,6 +339,16 @@ def test_bad_requests_get_a_4xx_json_error(toy: tuple[str, Path]) -> None:
     assert client.predict_array(x)["exit"] in (1, 2, 3)
     errors = client.stats()["errors"]
     assert errors.get("body_too_large", 0) >= 1 and errors.get("undecodable_image", 0) >= 1
+
+
+def test_a_forced_exit_mix_sends_samples_to_the_drawn_exits(toy: tuple[str, Path], ray_port: int) -> None:
+    _, bundle = toy
+    cfg = ServeConfig.for_bundle(bundle, name="toymix", route_prefix="/toymix", exit_mix=(0.0, 1.0, 0.0),
+                                 replica_cpus=0.25)  # fmt: skip
+    client = Client(_deploy(cfg, ray_port), timeout=30)
+    assert client.ready()["exit_mix"] == [0.0, 1.0, 0.0]
+    got = client.predict_array(toy_inputs(12, seed=4))["predictions"]
+    assert {a["exit"] for a in got} == {2}
 
 
 @pytest.mark.slow

@@ -36,6 +36,9 @@ class ServeConfig:
     name: str = "edgeperceiver"  #: Ray Serve application name
     route_prefix: str = "/"
     access_log: bool = False  #: Ray Serve's per-request log lines
+    #: benchmarking only: each sample leaves at an exit drawn with these proportions, whatever
+    #: its confidence (the cost of an exit mix on untrained weights; answers are meaningless)
+    exit_mix: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         for field, value, low in (
@@ -51,6 +54,10 @@ class ServeConfig:
             raise InputError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms!r}")
         if not self.replica_cpus >= 0:
             raise InputError(f"replica_cpus must be >= 0, got {self.replica_cpus!r}")
+        if self.exit_mix is not None and (
+            any(not p >= 0 for p in self.exit_mix) or abs(sum(self.exit_mix) - 1.0) > 1e-6
+        ):
+            raise InputError(f"exit_mix must be proportions >= 0 that sum to 1, got {self.exit_mix}")
         if not self.route_prefix.startswith("/"):
             raise InputError(f"route_prefix must start with '/', got {self.route_prefix!r}")
 
@@ -66,5 +73,8 @@ class ServeConfig:
         b = Bundle.open(path)
         # with no entry named the runtime picks one; only a named entry is checked here
         default = None if config.entry is None else b.manifest.target(config.entry).thresholds
-        resolve_thresholds(config.thresholds, None, default, len(b.manifest.segments))
+        num_exits = len(b.manifest.segments)
+        resolve_thresholds(config.thresholds, None, default, num_exits)
+        if config.exit_mix is not None and len(config.exit_mix) != num_exits:
+            raise InputError(f"exit_mix has {len(config.exit_mix)} proportions for a model with {num_exits} exits")
         return config

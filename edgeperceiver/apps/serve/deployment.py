@@ -81,6 +81,7 @@ class EdgePerceiverModel:
         # one thread runs every batch: engines that keep per-thread state (OpenVINO's infer
         # requests) set it up once, and batches never compete with each other for the cores
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="edgeperceiver-runner")
+        self._rng = np.random.default_rng(0)  # draws forced exits (config.exit_mix) on the runner thread
         self._warm_up()
         self._replica: str | None
         try:
@@ -120,6 +121,7 @@ class EdgePerceiverModel:
             "thresholds": None if th is None else list(th.values),
             "input": {"shape": list(self.runner.manifest.input.shape), "dtype": self.runner.manifest.input.dtype},
             "classes": None if self.runner.classes is None else list(self.runner.classes),
+            "exit_mix": None if self.config.exit_mix is None else list(self.config.exit_mix),
             "max_batch": self.config.max_batch,
             "max_body_bytes": self.config.max_body_bytes,
         }
@@ -205,8 +207,13 @@ class EdgePerceiverModel:
     # ------------------------------------------------------------------ batching
     def _run(self, xs: list[np.ndarray]) -> list[list[dict[str, Any]]]:
         sizes = [x.shape[0] for x in xs]
+        x = xs[0] if len(xs) == 1 else np.concatenate(xs)
+        forced: np.ndarray | None = None
+        if self.config.exit_mix is not None:
+            draws = self._rng.choice(len(self.config.exit_mix), size=x.shape[0], p=self.config.exit_mix)
+            forced = np.asarray(draws, dtype=np.int64) + 1
         t0 = time.perf_counter()
-        pred = self.runner.predict(xs[0] if len(xs) == 1 else np.concatenate(xs))
+        pred = self.runner.predict(x, force_exits=forced)
         self.metrics.batch(pred.exits, time.perf_counter() - t0)
         rows = prediction_rows(pred, self.runner.classes, self.entry)
         out, start = [], 0

@@ -114,7 +114,10 @@ def serve_bundle(
         previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         info = Client(url).ready()
-        echo(f"serving {config.bundle} ({info['entry']}, {info['exits']} exits, thresholds {info['thresholds']}) "
+        th = "none" if info["thresholds"] is None else ",".join(
+            "off" if v is None else f"{v:.4g}" for v in info["thresholds"]
+        )
+        echo(f"serving {config.bundle} ({info['entry']}, {info['exits']} exits, thresholds {th}) "
              f"with {config.replicas} replica(s), batches of up to {config.max_batch} "
              f"(wait {config.batch_wait_ms:g} ms)")  # fmt: skip
         echo(f"POST {url}/predict  (image bytes, JSON {{\"inputs\": [...]}} or .npy)   "
