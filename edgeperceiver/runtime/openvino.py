@@ -249,7 +249,10 @@ class OpenVINOSession(SessionBase):
         # own a reference to its array): keep them alive until the next call replaces them
         slot.held = (arrays, outputs)
         try:
-            req.infer()
+            # not infer(): it also copies every output into new numpy arrays (the carried maps
+            # included) and wraps them in a dict, which nobody reads here
+            req.start_async()
+            req.wait()
         except RuntimeError as exc:
             raise TargetError(f"OpenVINO inference failed in segment {self.segment.index}: {exc}") from exc
         return outputs

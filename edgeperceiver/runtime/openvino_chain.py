@@ -137,7 +137,10 @@ class ChainState:
         """Run segment ``k`` (0-based); a host copy of its exit logits (float32), if ``logits``."""
         req = self.requests[k]
         try:
-            req.infer()
+            # not infer(): it also copies every output into new numpy arrays (the carried maps
+            # included) and wraps them in a dict, which nobody reads here
+            req.start_async()
+            req.wait()
         except RuntimeError as exc:
             raise TargetError(f"OpenVINO inference failed in segment {self._segment_index[k]}: {exc}") from exc
         if not logits:
