@@ -152,12 +152,8 @@ def publish(path: Path, staging: Path) -> Path:
     n = max([*versions, old or 0]) + 1
     version = path.with_name(f"{prefix(path)}.v{n}")
     os.rename(staging, version)
-    link = _aside(path, "link")
-    try:
-        os.symlink(version.name, link)
-    except OSError as exc:
-        if exc.errno not in _NO_SYMLINKS:
-            raise
+    link = _new_link(path, version)
+    if link is None:
         _publish_without_links(path, version)
         return path
     fsync_dir(path.parent)
@@ -182,6 +178,18 @@ def _aside(path: Path, tag: str) -> Path:
     return path.with_name(f"{prefix(path)}.{os.getpid()}-{secrets.token_hex(4)}.{tag}")
 
 
+def _new_link(path: Path, version: Path) -> Path | None:
+    """A fresh temporary symlink beside ``path`` to ``version``; None where symlinks are unsupported."""
+    link = _aside(path, "link")
+    try:
+        os.symlink(version.name, link)
+    except OSError as exc:
+        if exc.errno not in _NO_SYMLINKS:
+            raise
+        return None
+    return link
+
+
 def _publish_without_links(path: Path, version: Path) -> None:
     """On a file system without symlinks (FAT, some network mounts): two renames.
 
@@ -196,12 +204,8 @@ def _publish_without_links(path: Path, version: Path) -> None:
 
 def _relink(path: Path, version: Path) -> None:
     """Point ``path`` at ``version`` (or move it there where symlinks are not supported)."""
-    link = _aside(path, "link")
-    try:
-        os.symlink(version.name, link)
-    except OSError as exc:
-        if exc.errno not in _NO_SYMLINKS:
-            raise
+    link = _new_link(path, version)
+    if link is None:
         os.rename(version, path)
     else:
         os.replace(link, path)
