@@ -30,6 +30,12 @@ SUPPORTED: Mapping[TargetName, tuple[Precision, ...]] = {
 CompileFn = Callable[..., TargetEntry]
 
 
+def _check_supported(target: TargetName, precision: Precision) -> None:
+    if precision not in SUPPORTED[target]:
+        have = ", ".join(p.value for p in SUPPORTED[target])
+        raise InputError(f"target {target.value} does not support precision {precision.value} (supported: {have})")
+
+
 def _compiler(target: TargetName) -> CompileFn:
     module = importlib.import_module(f"edgeperceiver.targets.{target.value}")
     fn: CompileFn = module.compile_target
@@ -53,9 +59,7 @@ def compile_bundle(
     quantization stage, else reads the stage already recorded. The bundle is untouched unless
     compilation succeeds.
     """
-    if precision not in SUPPORTED[target]:
-        have = ", ".join(p.value for p in SUPPORTED[target])
-        raise InputError(f"target {target.value} does not support precision {precision.value} (supported: {have})")
+    _check_supported(target, precision)
     compile_target = _compiler(target)
     with edit_bundle(bundle) as writer:
         calib = None if calib_data is None else _calibration_inputs(writer, calib_data, calib_samples)
@@ -80,9 +84,7 @@ def check_bundle(
     ``calib_data`` an INT8 check also makes the bundle's quantization stage and keeps it
     (when the check passes), so the device build does not quantize again.
     """
-    if precision not in SUPPORTED[target]:
-        have = ", ".join(p.value for p in SUPPORTED[target])
-        raise InputError(f"target {target.value} does not support precision {precision.value} (supported: {have})")
+    _check_supported(target, precision)
     if target is not TargetName.TENSORRT:
         raise InputError(f"--check is available for the tensorrt target only, not {target.value}")
     check_target = importlib.import_module(f"edgeperceiver.targets.{target.value}").check_target
