@@ -180,6 +180,7 @@ def compile_target(
                                              log=log)
             cand, built = choice.candidate, choice.chain
             metadata["auto"] = choice.metadata
+            mono_src = None  # the reference is the chosen segments joined (below), not the QDQ graph
         elif opts.float_precision == "auto" and bf16_ok:
             log("choosing the float parts' precision ...")
             choice = auto.choose_uniform(backend, manifest, fp32_chain, int8, images, fallback="int8",
