@@ -16,15 +16,12 @@ random batch. A disagreement beyond tolerance raises :class:`ExportError`; nothi
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib
 import importlib.util
 import itertools
 import os
-import sys
 import tempfile
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +30,6 @@ import numpy as np
 
 from ._optional import require
 from .bundle import (
-    BATCH,
     Manifest,
     Preprocess,
     SegmentSpec,
@@ -43,8 +39,10 @@ from .bundle import (
     write_bundle,
 )
 from .cut import CutPlan, cut_model, run_chain
-from .errors import CheckpointError, EdgePerceiverError, ExportError, InputError
+from .errors import CheckpointError, ExportError, InputError
 from .export_report import ExportReport, SegmentStat, VerifyRow
+from .export_torch import INPUT_NAME, exit_tensors, torch_to_onnx
+from .export_torch import load_module_factory as load_module_factory  # public API
 from .macs import macs_tensors, node_macs, numel
 from .onnx_utils import input_info, load_model, np_dtype_name, ort_session, probe, random_input
 from .passes.shapes import eliminate_dead, fold_static_shapes, make_batch_dynamic, restrict_outputs
@@ -57,7 +55,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: absolute tolerance per unit of output magnitude: tol = ATOL * max(1, max |reference|)
 ATOL = 1e-4
-INPUT_NAME = "input"
 PARAM_DTYPES = frozenset({"float32", "float16", "bfloat16", "float64", "int8", "uint8"})
 
 Reference = Callable[[np.ndarray], Mapping[str, np.ndarray]]
@@ -142,7 +139,7 @@ def export_module(
     first_np = random_input((max(2, verify_batch), *chw), seed=seed)
     probe_x = torch.from_numpy(first_np)
     with torch.no_grad():
-        outs = _exit_tensors(module(probe_x), torch)
+        outs = exit_tensors(module(probe_x), torch)
     names = tuple(exit_names if exit_names is not None else getattr(module, "exit_names", None) or
                   [f"exit{k}" for k in range(1, len(outs) + 1)])
     if len(names) != len(outs):
@@ -156,10 +153,10 @@ def export_module(
         if x.shape == first_np.shape and np.array_equal(x, first_np):
             return first  # the forward above ran on this very batch
         with torch.no_grad():
-            got = _exit_tensors(module(torch.from_numpy(x)), torch)
+            got = exit_tensors(module(torch.from_numpy(x)), torch)
         return {n: t.detach().cpu().numpy() for n, t in zip(names, got, strict=True)}
 
-    model = _torch_to_onnx(module, probe_x, names, opset, torch)
+    model = torch_to_onnx(module, probe_x, names, opset, torch)
     pre = preprocess or Preprocess(
         size=(chw[1], chw[2]), channels=chw[0],
         mean=(0.485, 0.456, 0.406) if chw[0] == 3 else (0.5,) * chw[0],
@@ -230,45 +227,6 @@ def export_onnx(
         preprocess=pre, keep=keep, labels=labels, simplify=simplify, overwrite=overwrite,
         verify_batch=verify_batch, seed=seed, threads=threads, extra={"source_file": path.name},
     )
-
-
-def load_module_factory(spec: str) -> Callable[[], torch.nn.Module]:
-    """Resolve ``"package.module:factory"`` (or ``"path/to/file.py:factory"``) to a zero-argument callable.
-
-    The factory must return an ``nn.Module`` (or ``(module, input_shape)``, the shape then
-    ignored: ``export_module`` takes it explicitly) whose forward returns exit logits in order.
-    """
-    mod_name, sep, attr = spec.partition(":")
-    if not sep or not mod_name or not attr:
-        raise InputError(f"module factory {spec!r} must look like 'package.module:factory' or 'file.py:factory'")
-    try:
-        if mod_name.endswith(".py"):
-            path = Path(mod_name)
-            if not path.is_file():
-                raise InputError(f"{path}: no such Python file")
-            mspec = importlib.util.spec_from_file_location(f"_edgeperceiver_factory_{path.stem}", path)
-            if mspec is None or mspec.loader is None:
-                raise InputError(f"{path}: cannot be imported")
-            mod = importlib.util.module_from_spec(mspec)
-            sys.modules[mspec.name] = mod
-            mspec.loader.exec_module(mod)
-        else:
-            mod = importlib.import_module(mod_name)
-    except EdgePerceiverError:
-        raise
-    except Exception as exc:  # importing user code can raise anything
-        raise InputError(f"cannot import {mod_name!r}: {type(exc).__name__}: {exc}") from exc
-    factory = getattr(mod, attr, None)
-    if factory is None or not callable(factory):
-        raise InputError(f"{mod_name!r} has no callable {attr!r}")
-
-    def make() -> torch.nn.Module:
-        got = factory()
-        if isinstance(got, tuple) and len(got) == 2:
-            got = got[0]
-        return got
-
-    return make
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -430,52 +388,6 @@ def _segment_stats(
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _torch_to_onnx(
-    module: torch.nn.Module, x: torch.Tensor, names: Sequence[str], opset: int, torch: Any
-) -> onnx.ModelProto:
-    onnx = require("onnx", purpose="ONNX export")
-    axes = {INPUT_NAME: {0: BATCH}, **{n: {0: BATCH} for n in names}}
-    with tempfile.TemporaryDirectory(prefix="edgeperceiver-export-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        try:
-            with warnings.catch_warnings(), contextlib.ExitStack() as layouts:
-                warnings.simplefilter("ignore")
-                # modules may trace in an export-friendly layout (DynPerceiver: channels-first
-                # z->x attention); verification then compares it with their normal forward
-                for m in module.modules():
-                    layout = getattr(m, "export_layout", None)
-                    if callable(layout):
-                        layouts.enter_context(layout())
-                torch.onnx.export(
-                    module, (x,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-                    output_names=list(names), dynamic_axes=axes, do_constant_folding=True,
-                )
-        except EdgePerceiverError:
-            raise
-        except Exception as exc:  # the exporter raises many unrelated types
-            raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
-        model = onnx.load(str(path))
-    make_batch_dynamic(model)
-    return model
-
-
-def _exit_tensors(outs: Any, torch: Any) -> list[Any]:
-    if isinstance(outs, torch.Tensor):
-        raise ExportError(
-            "the module returns a single tensor; a multi-exit model must return a tuple/list of exit "
-            "logits [batch, classes], in exit order"
-        )
-    if isinstance(outs, Mapping):
-        outs = list(outs.values())
-    if not isinstance(outs, (tuple, list)) or not outs:
-        raise ExportError(f"the module returns {type(outs).__name__}; expected a tuple/list of exit logits")
-    for k, t in enumerate(outs, 1):
-        if not isinstance(t, torch.Tensor) or t.ndim != 2:
-            what = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ExportError(f"exit {k} of the module is {what}; exits must be logits of shape [batch, classes]")
-    return list(outs)
 
 
 def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
