@@ -405,6 +405,13 @@ def heldout_images(heldout: Path) -> list[Path]:
     return sorted(heldout.rglob("*.png"))
 
 
+def heldout_case(bundle: Path, heldout: Path, n: int | None = None) -> tuple[Any, list[bytes]]:
+    """``Runner.predict`` on the first ``n`` held-out images (the expected answers), and their bytes."""
+    paths = heldout_images(heldout)[:n]
+    _, want = load(bundle).predict_files(paths)
+    return want, [p.read_bytes() for p in paths]
+
+
 @pytest.fixture(scope="module")
 def digits(ray_port: int, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
     """The digits bundle served at /digits by two replicas; URL, bundle, held-out images."""
@@ -417,15 +424,13 @@ def digits(ray_port: int, tmp_path_factory: pytest.TempPathFactory) -> tuple[str
 @pytest.mark.slow
 def test_2000_requests_at_concurrency_16_all_equal_the_runner(digits: tuple[str, Path, Path]) -> None:
     url, bundle, heldout = digits
-    paths = heldout_images(heldout)
-    _, want = load(bundle).predict_files(paths)
+    want, bodies = heldout_case(bundle, heldout)
     assert set(want.exits.tolist()) >= {1, 2}, "the calibrated thresholds should let samples leave early"
-    bodies = [p.read_bytes() for p in paths]
     client = Client(url, timeout=60)
     n = 2000
     answers, errors = hammer(lambda i: client.predict(bodies[i % len(bodies)], "image/png"), n, 16, time_limit=240)
     assert errors == [], errors[:3]
-    idx = np.arange(n) % len(paths)
+    idx = np.arange(n) % len(bodies)
     assert_same(answers, want.labels[idx], want.exits[idx])
     assert {a["entry"] for a in answers} == {"onnxruntime-fp32"}
 
@@ -444,9 +449,7 @@ def _replica_pids(client: Client, want: int, tries: int = 100) -> dict[int, str]
 @pytest.mark.slow
 def test_bad_input_under_load_gets_4xx_and_the_load_keeps_succeeding(digits: tuple[str, Path, Path]) -> None:
     url, bundle, heldout = digits
-    paths = heldout_images(heldout)[:200]
-    _, want = load(bundle).predict_files(paths)
-    bodies = [p.read_bytes() for p in paths]
+    want, bodies = heldout_case(bundle, heldout, 200)
     client = Client(url, timeout=60)
     result: dict[str, Any] = {}
 
@@ -476,16 +479,14 @@ def test_bad_input_under_load_gets_4xx_and_the_load_keeps_succeeding(digits: tup
         bg.join(timeout=180)
     assert not bg.is_alive(), "the load did not finish"
     assert result["errors"] == [], result["errors"][:3]
-    idx = np.arange(600) % len(paths)
+    idx = np.arange(600) % len(bodies)
     assert_same(result["answers"], want.labels[idx], want.exits[idx])
 
 
 @pytest.mark.slow
 def test_a_killed_replica_leaves_no_request_hanging_and_is_replaced(digits: tuple[str, Path, Path]) -> None:
     url, bundle, heldout = digits
-    paths = heldout_images(heldout)[:200]
-    _, want = load(bundle).predict_files(paths)
-    bodies = [p.read_bytes() for p in paths]
+    want, bodies = heldout_case(bundle, heldout, 200)
     client = Client(url, timeout=30)
     pids = _replica_pids(client, 2)
     assert len(pids) == 2, f"expected two replicas, saw {pids}"
@@ -511,7 +512,7 @@ def test_a_killed_replica_leaves_no_request_hanging_and_is_replaced(digits: tupl
     assert len(answered) + len(errors) == n
     assert all(isinstance(e, ServiceError) for e in errors), errors[:3]
     assert len(errors) < n // 4, f"{len(errors)} of {n} requests failed"
-    idx = np.array(answered) % len(paths)
+    idx = np.array(answered) % len(bodies)
     assert_same([answers[i] for i in answered], want.labels[idx], want.exits[idx])
     # the service recovers: 20 requests in a row succeed within seconds, and Ray replaces the replica
     deadline = time.monotonic() + 60

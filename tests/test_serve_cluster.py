@@ -11,14 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_serve import assert_same, digits_bundle, free_port, hammer, heldout_images
+from test_serve import assert_same, digits_bundle, free_port, hammer, heldout_case
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("PIL.Image")
 
 from edgeperceiver.apps.serve import Client, ServeConfig
 from edgeperceiver.apps.serve.launch import HAPROXY_ENV
-from edgeperceiver.runtime import load
 
 LOOPBACK = "127.0.0.1"
 
@@ -61,14 +60,12 @@ def test_replicas_on_both_nodes_serve_the_same_answers(two_nodes: tuple[str, Pat
 
     url, bundle, heldout = two_nodes
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-    paths = heldout_images(heldout)[:300]
-    _, want = load(bundle).predict_files(paths)
-    bodies = [p.read_bytes() for p in paths]
+    want, bodies = heldout_case(bundle, heldout, 300)
     client = Client(url, timeout=60)
     n = 600
     answers, errors = hammer(lambda i: client.predict(bodies[i % len(bodies)], "image/png"), n, 8, time_limit=180)
     assert errors == [], errors[:3]
-    idx = np.arange(n) % len(paths)
+    idx = np.arange(n) % len(bodies)
     assert_same(answers, want.labels[idx], want.exits[idx])
     # both replicas, one per node, answered part of the load
     latest: dict[int, dict[str, object]] = {}
