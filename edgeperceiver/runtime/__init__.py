@@ -10,9 +10,9 @@ engine (onnxruntime, openvino, tensorrt) is imported when a bundle is loaded.
 
 from __future__ import annotations
 
-from .criteria import scores, softmax
+from .criteria import resolve_thresholds, scores, softmax
 from .preprocess import load_image, load_images
-from .runner import Prediction, Runner, load, resolve_thresholds
+from .runner import Prediction, Runner, load
 
 __all__ = [
     "Prediction",

@@ -15,8 +15,9 @@ from enum import Enum
 from pathlib import PurePath
 from typing import Any
 
+from .criteria import ThresholdsLike
 from .entries import EntryChoice
-from .runner import Prediction, Runner, ThresholdsLike
+from .runner import Prediction, Runner
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,16 @@ more confident; a sample leaves at exit k when ``score >= threshold[k]``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
+from ..bundle import Thresholds
 from ..errors import InputError
 from ..types import Criterion
+
+#: thresholds as a user may give them: a ``Thresholds`` or one value (or ``None``) per exit
+ThresholdsLike = Thresholds | Sequence[float | None]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -39,7 +45,7 @@ def scores(logits: np.ndarray, criterion: Criterion | str = Criterion.MAX_SOFTMA
     - ``entropy``: minus the softmax entropy in nats (0 = certain);
     - ``margin``: top-1 minus top-2 softmax probability.
     """
-    crit = Criterion(criterion)
+    crit = criterion_of(criterion)
     logits = np.asarray(logits)
     if logits.ndim != 2:
         raise InputError(f"exit logits must be (N, classes), got shape {logits.shape}")
@@ -57,7 +63,7 @@ def evaluate(
 
     The scores are bit-for-bit those of :func:`scores`.
     """
-    crit = Criterion(criterion)
+    crit = criterion_of(criterion)
     logits = np.asarray(logits)
     if logits.ndim != 2:
         raise InputError(f"exit logits must be (N, classes), got shape {logits.shape}")
@@ -96,3 +102,61 @@ def parse_thresholds(text: str) -> tuple[float | None, ...]:
         except ValueError:
             raise InputError(f"threshold {raw.strip()!r} is neither a number nor 'off'") from None
     return tuple(out)
+
+
+def resolve_thresholds(
+    thresholds: ThresholdsLike | None,
+    criterion: Criterion | str | None,
+    default: Thresholds | None,
+    num_exits: int,
+) -> Thresholds | None:
+    """The thresholds to use: ``thresholds`` if given (with ``criterion``), else ``default``.
+
+    A plain sequence of values takes ``criterion``, else the default's criterion, else
+    max-softmax. Values must be one per exit, each a number (NaN refused) or ``None``.
+    """
+    crit = None if criterion is None else criterion_of(criterion)
+    if thresholds is None:
+        if default is not None and crit is not None and crit is not default.criterion:
+            raise InputError(
+                f"the bundle's thresholds are for criterion {default.criterion.value!r}; "
+                f"pass thresholds for {crit.value!r} as well"
+            )
+        th = default
+    elif isinstance(thresholds, Thresholds):
+        if crit is not None and crit is not thresholds.criterion:
+            raise InputError(
+                f"thresholds are for criterion {thresholds.criterion.value!r}, not {crit.value!r}"
+            )
+        th = thresholds
+    else:
+        if isinstance(thresholds, (str, bytes)):
+            raise InputError(f"thresholds must be a sequence of numbers, not {thresholds!r}")
+        if crit is None:
+            crit = default.criterion if default is not None else Criterion.MAX_SOFTMAX
+        values: list[float | None] = []
+        for v in thresholds:
+            if v is None:
+                values.append(None)
+                continue
+            try:
+                values.append(float(v))
+            except (TypeError, ValueError):
+                raise InputError(f"threshold {v!r} is not a number") from None
+        th = Thresholds(crit, tuple(values), "override")
+    if th is None:
+        return None
+    if len(th.values) != num_exits:
+        raise InputError(f"got {len(th.values)} thresholds for a model with {num_exits} exits")
+    if any(v is not None and v != v for v in th.values):
+        raise InputError(f"thresholds contain NaN: {th.values}")
+    return th
+
+
+def criterion_of(c: Criterion | str) -> Criterion:
+    """``c`` as a :class:`Criterion`, or an :class:`InputError` naming the choices."""
+    try:
+        return Criterion(c)
+    except ValueError:
+        have = ", ".join(x.value for x in Criterion)
+        raise InputError(f"unknown exit criterion {c!r} (use one of: {have})") from None

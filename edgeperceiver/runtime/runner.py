@@ -27,11 +27,9 @@ from ..errors import BundleError, InputError
 from ..types import Criterion, TargetName
 from .backend import Backend, Chain, Session
 from .backends import create_backend
-from .criteria import evaluate
+from .criteria import ThresholdsLike, criterion_of, evaluate, resolve_thresholds
 from .entries import NoThresholdsWarning, choose_entry
 from .preprocess import iter_input_batches
-
-ThresholdsLike = Thresholds | Sequence[float | None]
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -66,63 +64,6 @@ def _empty_prediction() -> Prediction:
     return Prediction(
         np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float64)
     )
-
-
-def resolve_thresholds(
-    thresholds: ThresholdsLike | None,
-    criterion: Criterion | str | None,
-    default: Thresholds | None,
-    num_exits: int,
-) -> Thresholds | None:
-    """The thresholds to use: ``thresholds`` if given (with ``criterion``), else ``default``.
-
-    A plain sequence of values takes ``criterion``, else the default's criterion, else
-    max-softmax. Values must be one per exit, each a number (NaN refused) or ``None``.
-    """
-    crit = None if criterion is None else _criterion(criterion)
-    if thresholds is None:
-        if default is not None and crit is not None and crit is not default.criterion:
-            raise InputError(
-                f"the bundle's thresholds are for criterion {default.criterion.value!r}; "
-                f"pass thresholds for {crit.value!r} as well"
-            )
-        th = default
-    elif isinstance(thresholds, Thresholds):
-        if crit is not None and crit is not thresholds.criterion:
-            raise InputError(
-                f"thresholds are for criterion {thresholds.criterion.value!r}, not {crit.value!r}"
-            )
-        th = thresholds
-    else:
-        if isinstance(thresholds, (str, bytes)):
-            raise InputError(f"thresholds must be a sequence of numbers, not {thresholds!r}")
-        if crit is None:
-            crit = default.criterion if default is not None else Criterion.MAX_SOFTMAX
-        values: list[float | None] = []
-        for v in thresholds:
-            if v is None:
-                values.append(None)
-                continue
-            try:
-                values.append(float(v))
-            except (TypeError, ValueError):
-                raise InputError(f"threshold {v!r} is not a number") from None
-        th = Thresholds(crit, tuple(values), "override")
-    if th is None:
-        return None
-    if len(th.values) != num_exits:
-        raise InputError(f"got {len(th.values)} thresholds for a model with {num_exits} exits")
-    if any(v is not None and v != v for v in th.values):
-        raise InputError(f"thresholds contain NaN: {th.values}")
-    return th
-
-
-def _criterion(c: Criterion | str) -> Criterion:
-    try:
-        return Criterion(c)
-    except ValueError:
-        have = ", ".join(x.value for x in Criterion)
-        raise InputError(f"unknown exit criterion {c!r} (use one of: {have})") from None
 
 
 def _live_plan(manifest: Manifest) -> list[frozenset[str]]:
@@ -174,7 +115,7 @@ class Runner:
         self._keep = _live_plan(self.manifest)
         self.thresholds = resolve_thresholds(thresholds, criterion, None, len(self.segments))
         self._criterion = (
-            _criterion(criterion) if criterion is not None
+            criterion_of(criterion) if criterion is not None
             else self.thresholds.criterion if self.thresholds is not None else Criterion.MAX_SOFTMAX
         )
         self.sessions: tuple[Session, ...] = tuple(backend.open(bundle, entry, s) for s in self.segments)
