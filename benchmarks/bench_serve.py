@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import platform
@@ -46,8 +47,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from edgeperceiver.apps.serve import Client, ServeConfig, start, stop  # noqa: E402
-from edgeperceiver.bundle import Bundle  # noqa: E402
-from edgeperceiver.runtime.preprocess import IMAGE_SUFFIXES  # noqa: E402
+from edgeperceiver.bundle import Bundle, Preprocess  # noqa: E402
+from edgeperceiver.runtime.preprocess import IMAGE_SUFFIXES, decode_image  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,18 @@ def _haproxy_pids() -> list[int]:
     return pids
 
 
-def measure(client: Client, bodies: list[bytes], n: int, concurrency: int, num_exits: int) -> Row:
+def as_npy(bodies: list[bytes], pre: Preprocess) -> list[bytes]:
+    """The same images preprocessed as the bundle says, as ``.npy`` bodies (no decoding in the replica)."""
+    out = []
+    for b in bodies:
+        buf = io.BytesIO()
+        np.save(buf, decode_image(b, pre), allow_pickle=False)
+        out.append(buf.getvalue())
+    return out
+
+
+def measure(client: Client, bodies: list[bytes], n: int, concurrency: int, num_exits: int,
+            content_type: str = "image/png") -> Row:
     before = client.stats()  # one replica per deployment: its counters
     server = [before["pid"], *_haproxy_pids()]
     cpu0 = sum(_proc_cpu(p) for p in server)
@@ -147,7 +159,7 @@ def measure(client: Client, bodies: list[bytes], n: int, concurrency: int, num_e
         nonlocal failures
         t = time.perf_counter()
         try:
-            client.predict(bodies[i % len(bodies)], "image/png")
+            client.predict(bodies[i % len(bodies)], content_type)
         except Exception:
             failures += 1
             return
@@ -222,11 +234,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="engine threads per replica")
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--body", choices=("png", "npy"), default="png",
+                    help="request bodies: the encoded images, or the preprocessed arrays as .npy")
     args = ap.parse_args(argv)
     images = args.images or args.bundle.resolve().parent / "heldout"
     manifest = Bundle.open(args.bundle).manifest
     synthetic = not images.is_dir()
     bodies = synthetic_bodies(*manifest.preprocess.size) if synthetic else load_bodies(images, 10_000)
+    ctype = "image/png"
+    if args.body == "npy":
+        bodies, ctype = as_npy(bodies, manifest.preprocess), "application/x-npy"
     num_exits = len(manifest.segments)
     mix = None if args.exit_mix is None else tuple(float(v) for v in args.exit_mix.split(","))
     early = "early exit" if mix is None else "exit mix"
@@ -243,14 +260,14 @@ def main(argv: list[str] | None = None) -> int:
         clients = {m: Client(u, timeout=120) for m, u in urls.items()}
         info = clients[early].ready()
         for c in clients.values():  # warm the path: connections, batch queue, engine
-            measure(c, bodies, 64, 8, num_exits)
+            measure(c, bodies, 64, 8, num_exits, ctype)
         rows: list[Row] = []
         for cc in conc:
             per: dict[str, list[Row]] = {early: [], "last exit": []}
             for r in range(args.rounds):
                 order = [early, "last exit"] if r % 2 == 0 else ["last exit", early]
                 for mode in order:
-                    per[mode].append(measure(clients[mode], bodies, args.requests, cc, num_exits))
+                    per[mode].append(measure(clients[mode], bodies, args.requests, cc, num_exits, ctype))
             rows += [combine(per[early], early), combine(per["last exit"], "last exit")]
     finally:
         stop()
@@ -258,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     header = [
         f"Ray Serve, bundle {args.bundle} entry {info['entry']} "
         + (f"(thresholds {info['thresholds']})" if mix is None else f"(exits forced in proportions {list(mix)})")
-        + f", {len(bodies)} {'synthetic' if synthetic else 'held-out'} images as PNG bodies",
+        + f", {len(bodies)} {'synthetic' if synthetic else 'held-out'} images as {args.body.upper()} bodies",
         f"1 replica per deployment, {args.threads} engine thread(s), batches of up to {args.max_batch} requests "
         f"(wait {args.batch_wait_ms:g} ms); {args.requests} requests x {args.rounds} rounds per row, medians",
         f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); {versions()}",
