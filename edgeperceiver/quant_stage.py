@@ -6,7 +6,14 @@ all of them see the same quantizers. :func:`ensure_quantized` makes the stage (N
 whole graph, see :func:`edgeperceiver.quantize.qdq_segments`) or reuses the one the bundle
 has when the quantizer settings and calibration images are the same; it is recorded in the
 manifest as :class:`~edgeperceiver.bundle.QuantizedGraph` with the tool, preset, settings
-and the sha256 of the calibration images. Files go to ``quantized-<key>/`` (the key hashes
+and the sha256 of the calibration images.
+
+Before it is kept, every exit of each graph the consumers run (the stage as ONNX Runtime
+runs it, its signed-INT8 form with fp32 outside Q/DQ as weakly typed TensorRT builds it,
+and with fp16 outside Q/DQ as strongly typed TensorRT builds it) is checked against FP32
+on the calibration images; where one misses the gate, NNCF runs again with more of the
+graph in float (:func:`edgeperceiver.quant_ladder.climb`). The attempts and the chosen
+rung are recorded under ``config["gate"]``. Files go to ``quantized-<key>/`` (the key hashes
 the settings, the images and the FP32 graph), so a new stage never overwrites files an
 existing target entry still reads.
 
@@ -18,16 +25,19 @@ calibration inputs made by the earlier segments (``targets/openvino_quantize.py`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from ._optional import require
 from .bundle import BundleWriter, Manifest, QuantizedGraph, sha256_file
-from .errors import BundleError, TargetError
+from .errors import BundleError, EdgePerceiverError, TargetError
+from .quant_ladder import agreement, climb
 from .quantize import QuantizeConfig, check_calibration, qdq_segments
 
 STAGE_PREFIX = "quantized-"
@@ -74,7 +84,18 @@ def ensure_quantized(
         return have
     if log is not None:
         log(f"quantizing INT8 (QDQ, whole graph, NNCF preset {config.preset}) on {calib.shape[0]} images ...")
-    qmodel, segs = qdq_segments(writer.dir / manifest.model_path, manifest, calib, config)
+    model_path = writer.dir / manifest.model_path
+    exits = list(manifest.exits)
+    reference = _run_exits(_load(model_path), calib, manifest.input.name, exits)
+
+    def build(cfg: QuantizeConfig) -> tuple[tuple[Any, list[Any]], list[float]]:
+        qmodel, segs = qdq_segments(model_path, manifest, calib, cfg)
+        agree = [min(a) for a in zip(*(agreement(reference, _run_exits(g, calib, manifest.input.name, exits))
+                                       for g in consumer_graphs(qmodel)), strict=True)]
+        return (qmodel, segs), agree
+
+    (qmodel, segs), chosen, gate = climb(config, build, gate_points=config.ladder_gate,
+                                         images=int(calib.shape[0]), log=log)
     rels = []
     for k, seg in enumerate(segs, start=1):
         rel = f"{folder}/seg{k}.onnx"
@@ -85,10 +106,41 @@ def ensure_quantized(
     stage = QuantizedGraph(
         model=f"{folder}/model.onnx", segments=tuple(rels), tool=f"nncf {nncf.__version__}",
         preset=config.preset, calibration_sha256=calib_sha, calibration_images=int(calib.shape[0]),
-        config=config.describe(),
+        config={**chosen.describe(), "gate": gate},
     )
     writer.manifest = dataclasses.replace(manifest, quantization=stage)
     return stage
+
+
+def consumer_graphs(qmodel: Any) -> list[Any]:
+    """The graphs the stage's consumers run: as is (ONNX Runtime), signed INT8 with fp32 outside
+    Q/DQ (weakly typed TensorRT) and with fp16 outside Q/DQ (strongly typed TensorRT)."""
+    from .passes.fp16 import cast_to_fp16
+    from .passes.opset import upgrade_opset
+    from .passes.qdq_signed import unsigned_to_signed
+
+    signed, _ = unsigned_to_signed(qmodel)
+    graphs = [qmodel, signed]
+    # an opset too old for float16 Q/DQ: TensorRT's preparation refuses it with a clear message
+    with contextlib.suppress(EdgePerceiverError):
+        graphs.append(cast_to_fp16(upgrade_opset(signed, 19), qdq=True)[0])
+    return graphs
+
+
+def _load(path: Any) -> Any:
+    from .onnx_utils import load_model
+
+    return load_model(str(path))
+
+
+def _run_exits(model: Any, x: np.ndarray, input_name: str, exits: list[str], batch: int = 64) -> list[np.ndarray]:
+    """``model``'s exits on ``x`` in ONNX Runtime (CPU)."""
+    ort = require("onnxruntime", purpose="checking the INT8 graph against FP32")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    parts = [sess.run(exits, {input_name: x[i : i + batch]}) for i in range(0, x.shape[0], batch)]
+    return [np.concatenate([np.asarray(p[k], dtype=np.float32) for p in parts]) for k in range(len(exits))]
 
 
 def require_stage(manifest: Manifest, *, for_what: str) -> QuantizedGraph:

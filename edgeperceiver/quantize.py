@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -60,6 +60,14 @@ class QuantizeConfig:
     #: the heads make the logits that exit decisions and thresholds are taken on, and cost
     #: well under 1% of the MACs
     float_heads: bool = False
+    #: scopes kept in float (:data:`edgeperceiver.quant_ladder.FLOAT_OPS`: heads, early_convs,
+    #: grouped_convs, norms, convs), resolved on the graph being quantized
+    float_ops: tuple[str, ...] = ()
+    #: where a quantized candidate misses the accuracy gate on the calibration images, the
+    #: float scopes added one per retry (:func:`edgeperceiver.quant_ladder.climb`); empty = no retry
+    ladder: tuple[str, ...] = ("early_convs", "convs")
+    #: the gate of the ladder: points of top-1 agreement with FP32 per exit
+    ladder_gate: float = field(default=0.5, metadata={"min": 0.0, "max": 100.0})
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary for manifests and reports."""
@@ -68,7 +76,8 @@ class QuantizeConfig:
             "smooth_quant": self.smooth_quant, "subset_size": self.subset_size,
             "fast_bias_correction": self.fast_bias_correction, "bias_correction": self.bias_correction,
             "ignored_types": list(self.ignored_types), "ignored_names": list(self.ignored_names),
-            "float_heads": self.float_heads,
+            "float_heads": self.float_heads, "float_ops": list(self.float_ops), "ladder": list(self.ladder),
+            "ladder_gate": self.ladder_gate,
         }
 
 
@@ -111,12 +120,15 @@ def nncf_quantize(
         smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=0.95 if config.smooth_quant else -1.0),
         disable_bias_correction=not config.bias_correction,
     )
-    names = list(config.ignored_names)
-    if config.float_heads:
-        names += [n for n in head_nodes(model, exits) if n not in names]
+    from .quant_ladder import check_float_ops, float_names, float_types
+
+    check_float_ops(config.float_ops)
+    ops = (*config.float_ops, *(("heads",) if config.float_heads else ()))
+    names = list(dict.fromkeys([*config.ignored_names, *float_names(model, ops, exits)]))
+    types = list(dict.fromkeys([*config.ignored_types, *float_types(ops)]))
     ignored = None
-    if config.ignored_types or names:
-        ignored = nncf.IgnoredScope(types=list(config.ignored_types), names=names, validate=False)
+    if types or names:
+        ignored = nncf.IgnoredScope(types=types, names=names, validate=False)
     return nncf.quantize(
         model,
         nncf.Dataset(list(feeds)),

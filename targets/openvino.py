@@ -160,14 +160,15 @@ def compile_target(
         metadata["quantization"] = {**opts.quant.describe(), "calibration_images": int(calib.shape[0])}
         log(f"quantizing INT8 ({opts.method}) on {calib.shape[0]} calibration images ...")
         t0 = time.perf_counter()
+        images = calib[: opts.gate_samples] if opts.gate_samples else calib
         if opts.method == "qdq":
             q_models, mono_src = qdq_models(core, writer, manifest, calib, opts.quant)
         else:
-            q_models = segment_quantize(backend, fp32.models, manifest, calib, opts.quant)
+            q_models, metadata["int8_gate"] = segment_quantize(backend, fp32.models, manifest, calib, opts.quant,
+                                                               gate_images=images, log=log)
         metadata["quantize_seconds"] = round(time.perf_counter() - t0, 1)
         int8 = {"int8": Candidate("int8", q_models, ["int8"] * n, ["f32"] * n),
                 "int8+bf16": Candidate("int8+bf16", q_models, ["int8"] * n, ["bf16"] * n)}
-        images = calib[: opts.gate_samples] if opts.gate_samples else calib
         bf16_ok = has_bf16(core)
         if precision is Precision.AUTO:
             cands = {"fp32": fp32, **({"bf16": Candidate("bf16", fp32.models, ["bf16"] * n, ["bf16"] * n)}

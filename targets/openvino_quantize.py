@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ import numpy as np
 from edgeperceiver._optional import require
 from edgeperceiver.bundle import BATCH, BundleWriter, Manifest, SegmentSpec
 from edgeperceiver.passes.openvino_group_conv import per_channel_group_conv_weights
+from edgeperceiver.quant_ladder import agreement, climb
 from edgeperceiver.quantize import QuantizeConfig, nncf_quantize
 from edgeperceiver.runtime.openvino import OpenVINOBackend
 
@@ -45,19 +46,36 @@ def segment_quantize(
     manifest: Manifest,
     calib: np.ndarray,
     config: QuantizeConfig,
-) -> list[Any]:
+    *,
+    gate_images: np.ndarray | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[list[Any], dict[str, Any]]:
     """NNCF on each OpenVINO segment, calibrated on the inputs the earlier FP32 segments make
-    (run through the runtime's sessions)."""
+    (run through the runtime's sessions), kept within the accuracy gate by the ladder.
+
+    The quantized chain runs on this CPU with f32 float parts, and every exit is compared
+    with FP32 on ``gate_images`` (default: ``calib``); where an exit misses
+    ``config.ladder_gate``, NNCF runs again with more of each segment in float
+    (:func:`edgeperceiver.quant_ladder.climb`). Returns the segments and the ladder's metadata.
+    """
     n = len(fp32_models)
     fp32 = Chain(backend, manifest, Candidate("fp32", fp32_models, ["fp32"] * n, ["f32"] * n))
     per_image = fp32.carried(calib)
-    quantized = []
-    for spec, model in zip(manifest.segments, fp32_models, strict=True):
-        feeds = [{t.name: live[t.name] for t in spec.inputs} for live in per_image]
-        q = nncf_quantize(reshaped(model, spec, 1), feeds, config, exits=(spec.exit,))
-        per_channel_group_conv_weights(q)
-        quantized.append(q)
-    return quantized
+    images = calib if gate_images is None else gate_images
+    reference = fp32.exits(images)
+
+    def build(cfg: QuantizeConfig) -> tuple[list[Any], list[float]]:
+        quantized = []
+        for spec, model in zip(manifest.segments, fp32_models, strict=True):
+            feeds = [{t.name: live[t.name] for t in spec.inputs} for live in per_image]
+            q = nncf_quantize(reshaped(model, spec, 1), feeds, cfg, exits=(spec.exit,))
+            per_channel_group_conv_weights(q)
+            quantized.append(q)
+        chain = Chain(backend, manifest, Candidate("int8", quantized, ["int8"] * n, ["f32"] * n))
+        return quantized, agreement(reference, chain.exits(images))
+
+    models, _, meta = climb(config, build, gate_points=config.ladder_gate, images=int(images.shape[0]), log=log)
+    return models, meta
 
 
 def reshaped(model: Any, spec: SegmentSpec, batch: int) -> Any:

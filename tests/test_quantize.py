@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -152,3 +153,75 @@ def test_target_options_reject_bad_thread_counts(bad: object) -> None:
         with pytest.raises(InputError, match="threads must be a positive integer"):
             cls.from_options({"threads": bad})
         assert cls.from_options({"threads": "2"}).threads == 2
+
+
+# --------------------------------------------------------------------------- the accuracy ladder
+
+
+def _stage(root: Path, calib: np.ndarray, config: QuantizeConfig) -> dict[str, Any]:
+    from edgeperceiver.bundle import edit_bundle
+    from edgeperceiver.quant_stage import ensure_quantized
+
+    with edit_bundle(root) as writer:
+        stage = ensure_quantized(writer, calib, config)
+    return dict(stage.config)
+
+
+def test_ladder_retries_with_more_in_float_when_the_first_candidate_misses_the_gate(tmp_path: Path) -> None:
+    """A gate of 0 points (every exit must agree with FP32 on every calibration image) makes the
+    configured candidate fail (40 classes of random weights: INT8 flips many near-ties); the stage
+    then quantizes again with each rung's scopes in float."""
+    root = make_toy_bundle(tmp_path / "toy", size=SIZE, width=WIDTH, num_classes=40)
+    calib = toy_inputs(96, size=SIZE, seed=11)
+    config = _stage(root, calib, QuantizeConfig(subset_size=96, ladder_gate=0.0))
+    gate = config["gate"]
+    attempts = gate["attempts"]
+    assert gate["gate_points"] == 0.0 and gate["images"] == 96
+    assert attempts[0]["float_ops"] == [] and not attempts[0]["within_gate"]
+    assert min(attempts[0]["top1_agreement"]) < 1.0
+    assert [a["float_ops"] for a in attempts[1:]] == [["early_convs"], ["early_convs", "convs"]][: len(attempts) - 1]
+    assert len(attempts) >= 2  # the ladder engaged
+    chosen = attempts[gate["chosen"]]
+    assert config["float_ops"] == chosen["float_ops"] == gate["float_ops"]
+    passing = [k for k, a in enumerate(attempts) if a["within_gate"]]
+    if passing:  # the first rung within the gate, and nothing tried after it
+        assert gate["chosen"] == passing[0] == len(attempts) - 1
+    else:  # none: the best worst exit, marked as outside the gate
+        worst = [min(a["top1_agreement"]) for a in attempts]
+        assert worst[gate["chosen"]] == max(worst) and gate["within_gate"] is False
+    stage = Bundle.open(root).manifest.quantization
+    assert stage is not None
+    graph = onnx.load(str(root / stage.model)).graph
+    made = {o: n.op_type for n in graph.node for o in n.output}
+    fed_by_dq = [made.get(n.input[0]) == "DequantizeLinear" for n in graph.node if n.op_type == "Conv"]
+    assert any(fed_by_dq) != ("convs" in chosen["float_ops"])  # the chosen rung's convolutions read float
+
+
+def test_ladder_stops_at_the_first_candidate_within_the_gate_and_can_be_turned_off(tmp_path: Path) -> None:
+    root = make_toy_bundle(tmp_path / "toy", size=SIZE, width=WIDTH, num_classes=40)
+    calib = toy_inputs(96, size=SIZE, seed=11)
+    gate = _stage(root, calib, QuantizeConfig(subset_size=96, ladder_gate=100.0))["gate"]
+    assert len(gate["attempts"]) == 1 and gate["chosen"] == 0 and gate["within_gate"]
+    gate = _stage(root, calib, QuantizeConfig(subset_size=96, ladder_gate=0.0, ladder=()))["gate"]
+    assert len(gate["attempts"]) == 1 and gate["chosen"] == 0 and not gate["within_gate"]
+    with pytest.raises(InputError, match="unknown scope"):
+        _stage(root, calib, QuantizeConfig(subset_size=32, ladder=("everything",)))
+
+
+def test_openvino_int8_climbs_the_ladder_on_this_cpu(tmp_path: Path) -> None:
+    """OpenVINO's per-segment INT8 checks its own chain, run by OpenVINO on this CPU, against FP32."""
+    pytest.importorskip("openvino")
+    from edgeperceiver.targets import compile_bundle
+    from edgeperceiver.types import Precision, TargetName
+
+    root = make_toy_bundle(tmp_path / "toy", size=SIZE, width=WIDTH, num_classes=40)
+    calib = toy_inputs(96, size=SIZE, seed=11)
+    opts = {"threads": 1, "latency_runs": 0, "report_samples": 0, "subset_size": 96, "float_precision": "f32"}
+    entry = compile_bundle(root, TargetName.OPENVINO, Precision.INT8, calib_data=calib,
+                           options={**opts, "ladder_gate": 0.0})
+    gate = entry.metadata["int8_gate"]
+    assert not gate["attempts"][0]["within_gate"] and len(gate["attempts"]) >= 2
+    assert gate["float_ops"] == gate["attempts"][gate["chosen"]]["float_ops"]
+    entry = compile_bundle(root, TargetName.OPENVINO, Precision.INT8, calib_data=calib,
+                           options={**opts, "ladder_gate": 100.0})
+    assert len(entry.metadata["int8_gate"]["attempts"]) == 1 and entry.metadata["int8_gate"]["within_gate"]

@@ -1,0 +1,147 @@
+"""INT8 that keeps its accuracy promise: check every exit against FP32, and climb a ladder if not.
+
+A quantized candidate passes the gate at exit k when its top-1 agreement with FP32 on the
+calibration images is at least ``1 - gate_points / 100``: then it cannot lose more than
+``gate_points`` of accuracy on those images, whatever their labels. Where the candidate
+made with the configured settings misses the gate at any exit, :func:`climb` quantizes
+again with more of the graph kept in float, one rung of ``QuantizeConfig.ladder`` at a time
+(each rung adds one scope of :data:`FLOAT_OPS` to ``float_ops``), and takes the first rung
+that passes; where none does, the rung with the best worst-exit agreement, marked as
+outside the gate. What was tried and chosen goes into the metadata of the stage or entry.
+
+The scopes are structural, so they apply to any exported model, ONNX or OpenVINO:
+
+- ``heads``: each exit's classifier MatMul/Gemm (:func:`edgeperceiver.quantize.head_nodes`);
+- ``early_convs``: the first third of the convolutions in graph order (the high-resolution
+  layers, whose rounding errors every later layer and exit inherits);
+- ``grouped_convs``: grouped and depthwise convolutions;
+- ``norms``: LayerNormalization (MVN in OpenVINO);
+- ``convs``: every convolution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+
+from .errors import InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .quantize import QuantizeConfig
+
+#: the accuracy gate, in points of top-1 agreement with FP32 (the demo's INT8 promise)
+GATE_POINTS = 0.5
+FLOAT_OPS = ("heads", "early_convs", "grouped_convs", "norms", "convs")
+#: the share of the convolutions (in graph order) that ``early_convs`` keeps in float
+EARLY_SHARE = 1 / 3
+
+_TYPES = {
+    "norms": ("LayerNormalization", "MVN"),
+    "convs": ("Conv", "Convolution", "GroupConvolution"),
+    "grouped_convs": ("GroupConvolution",),  # OpenVINO; ONNX Conv with group > 1 by name
+}
+_CONV = frozenset({"Conv", "Convolution", "GroupConvolution"})
+
+T = TypeVar("T")
+
+
+def check_float_ops(ops: Sequence[str], what: str = "float_ops") -> None:
+    bad = [o for o in ops if o not in FLOAT_OPS]
+    if bad:
+        raise InputError(f"{what}: unknown scope(s) {bad}; known: {', '.join(FLOAT_OPS)}")
+
+
+def float_types(ops: Sequence[str]) -> list[str]:
+    """Op types NNCF leaves in float for the scopes ``ops`` (ONNX and OpenVINO spellings)."""
+    return sorted({t for o in ops for t in _TYPES.get(o, ())})
+
+
+def float_names(model: Any, ops: Sequence[str], exits: Sequence[str]) -> list[str]:
+    """Node names NNCF leaves in float for the scopes ``ops`` (ONNX ModelProto or openvino.Model)."""
+    from .quantize import head_nodes
+
+    names: list[str] = []
+    if "heads" in ops:
+        names += head_nodes(model, exits)
+    if "early_convs" in ops or "grouped_convs" in ops:
+        convs = _convs(model)  # (name, group > 1), in graph order
+        if "grouped_convs" in ops:
+            names += [n for n, grouped in convs if grouped]
+        if "early_convs" in ops:
+            names += [n for n, _ in convs[: math.ceil(len(convs) * EARLY_SHARE)]]
+    return list(dict.fromkeys(names))
+
+
+def _convs(model: Any) -> list[tuple[str, bool]]:
+    if hasattr(model, "graph"):  # onnx.ModelProto
+        return [(n.name, any(a.name == "group" and a.i > 1 for a in n.attribute))
+                for n in model.graph.node if n.op_type == "Conv"]
+    return [(op.get_friendly_name(), op.get_type_name() == "GroupConvolution")  # openvino.Model
+            for op in model.get_ordered_ops() if op.get_type_name() in _CONV]
+
+
+def agreement(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> list[float]:
+    """Per exit: the fraction of images whose top-1 class is FP32's."""
+    return [float(np.mean(r.argmax(1) == c.argmax(1))) for r, c in zip(reference, candidate, strict=True)]
+
+
+def within_gate(agree: Sequence[float], gate_points: float = GATE_POINTS) -> bool:
+    floor = 1.0 - gate_points / 100.0
+    return all(a >= floor - 1e-12 for a in agree)
+
+
+def rungs(config: QuantizeConfig) -> list[QuantizeConfig]:
+    """The configured settings, then one more float scope of ``config.ladder`` per rung."""
+    check_float_ops(config.float_ops)
+    check_float_ops(config.ladder, "ladder")
+    out = [config]
+    ops = list(config.float_ops)
+    for step in config.ladder:
+        if step in ops:
+            continue
+        ops.append(step)
+        out.append(dataclasses.replace(config, float_ops=tuple(ops)))
+    return out
+
+
+def climb(
+    config: QuantizeConfig,
+    build: Callable[[QuantizeConfig], tuple[T, Sequence[float]]],
+    *,
+    gate_points: float,
+    images: int,
+    log: Callable[[str], None] | None = None,
+) -> tuple[T, QuantizeConfig, dict[str, Any]]:
+    """Quantize with each rung until one is within the gate at every exit.
+
+    ``build(config)`` quantizes and returns ``(result, per-exit agreement with FP32)``.
+    Returns the chosen result, its settings, and metadata listing every attempt.
+    """
+    attempts: list[dict[str, Any]] = []
+    best: tuple[float, int, T, QuantizeConfig] | None = None
+    for k, cfg in enumerate(rungs(config)):
+        result, agree = build(cfg)
+        ok = within_gate(agree, gate_points)
+        attempts.append({"float_ops": list(cfg.float_ops), "top1_agreement": [round(a, 4) for a in agree],
+                         "within_gate": ok})
+        if log is not None:
+            shown = " / ".join(f"{100 * a:.2f}" for a in agree)
+            log(f"INT8 rung {k} (float: {', '.join(cfg.float_ops) or 'none'}): agreement with FP32 "
+                f"per exit {shown} % -> {'within' if ok else 'outside'} the {gate_points} point gate")
+        if best is None or min(agree) > best[0]:
+            best = (min(agree), k, result, cfg)
+        if ok:
+            best = (min(agree), k, result, cfg)
+            break
+    assert best is not None  # rungs() has at least the configured settings
+    _, chosen, result, cfg = best
+    meta = {"gate_points": gate_points, "images": images, "attempts": attempts, "chosen": chosen,
+            "float_ops": list(cfg.float_ops), "within_gate": attempts[chosen]["within_gate"]}
+    if log is not None and not meta["within_gate"]:
+        log(f"warning: no INT8 rung is within the gate on the calibration images; rung {chosen} "
+            "agrees best with FP32 and is used")
+    return result, cfg, meta
