@@ -87,7 +87,9 @@ def test_standalone_run_py_on_images(golden_bundle: Path, tmp_path: Path) -> Non
     proc = subprocess.run([sys.executable, "-I", str(golden_bundle / "run.py"), str(tmp_path), "--json",
                            "--threads", "2"], capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
-    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    doc = json.loads(proc.stdout)  # one JSON document
+    assert doc["entry"] == "onnxruntime-fp32"
+    rows = doc["rows"]
     names, pred = load(golden_bundle, threads=2).predict_files([tmp_path])
     assert [r["file"] for r in rows] == list(names)
     assert [r["label"] for r in rows] == pred.labels.tolist()
