@@ -6,8 +6,8 @@ calibration images is at least ``1 - gate_points / 100``: then it cannot lose mo
 made with the configured settings misses the gate at any exit, :func:`climb` quantizes
 again with more of the graph kept in float, one rung of ``QuantizeConfig.ladder`` at a time
 (each rung adds one scope of :data:`FLOAT_OPS` to ``float_ops``), and takes the first rung
-that passes; where none does, the rung with the best worst-exit agreement, marked as
-outside the gate. What was tried and chosen goes into the metadata of the stage or entry.
+that passes; where none does, the rung with the best worst-exit agreement (then the best
+sum over exits), marked as outside the gate. What was tried and chosen goes into the metadata of the stage or entry.
 
 The scopes are structural, so they apply to any exported model, ONNX or OpenVINO:
 
@@ -122,7 +122,7 @@ def climb(
     Returns the chosen result, its settings, and metadata listing every attempt.
     """
     attempts: list[dict[str, Any]] = []
-    best: tuple[float, int, T, QuantizeConfig] | None = None
+    best: tuple[tuple[float, float], int, T, QuantizeConfig] | None = None
     for k, cfg in enumerate(rungs(config)):
         result, agree = build(cfg)
         ok = within_gate(agree, gate_points)
@@ -132,10 +132,10 @@ def climb(
             shown = " / ".join(f"{100 * a:.2f}" for a in agree)
             log(f"INT8 rung {k} (float: {', '.join(cfg.float_ops) or 'none'}): agreement with FP32 "
                 f"per exit {shown} % -> {'within' if ok else 'outside'} the {gate_points} point gate")
-        if best is None or min(agree) > best[0]:
-            best = (min(agree), k, result, cfg)
+        score = (min(agree), sum(agree))  # the worst exit first, then all exits
+        if best is None or ok or score > best[0]:
+            best = (score, k, result, cfg)
         if ok:
-            best = (min(agree), k, result, cfg)
             break
     assert best is not None  # rungs() has at least the configured settings
     _, chosen, result, cfg = best

@@ -66,8 +66,11 @@ class QuantizeConfig:
     #: where a quantized candidate misses the accuracy gate on the calibration images, the
     #: float scopes added one per retry (:func:`edgeperceiver.quant_ladder.climb`); empty = no retry
     ladder: tuple[str, ...] = ("early_convs", "convs")
-    #: the gate of the ladder: points of top-1 agreement with FP32 per exit
-    ladder_gate: float = field(default=0.5, metadata={"min": 0.0, "max": 100.0})
+    #: the ladder's gate: points of top-1 disagreement with FP32 allowed per exit on the
+    #: calibration images. Half the 0.5 point promise: those images are few and are the ones
+    #: NNCF calibrated on, so they flatter the quantized graph (demo: 1 flip in 300 there,
+    #: 3 in 539 held-out); the margin makes held-out accuracy hold, see docs/tensorrt.md
+    ladder_gate: float = field(default=0.25, metadata={"min": 0.0, "max": 100.0})
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary for manifests and reports."""

@@ -178,10 +178,11 @@ def test_demo_int8_for_tensorrt_per_exit_accuracy(tmp_path: Path) -> None:
     """The demo's TensorRT-bound INT8 graphs in ONNX Runtime vs FP32, per exit, on the held-out digits.
 
     As the demo calibrates: 300 stratified training images from an ImageFolder, TensorRT's
-    default quantizer settings (NNCF, symmetric, no bias correction). The strongly typed
-    graph (signed Q/DQ, fp16 outside Q/DQ: TensorRT >= 10.12 and 11) keeps every exit
-    within 0.5 point; the weakly typed one (signed Q/DQ, fp32 outside: TensorRT 10.3)
-    measured 0.56 at exit 4 (3 images of 539), see docs/tensorrt.md.
+    default quantizer settings (NNCF, symmetric, no bias correction, the accuracy ladder).
+    Both the strongly typed graph (signed Q/DQ, fp16 outside Q/DQ: TensorRT >= 10.12 and 11)
+    and the weakly typed one (signed Q/DQ, fp32 outside: TensorRT 10.3) keep every exit
+    within 0.5 point. Without the ladder both lost 0.56 at exit 4 (3 images of 539) on
+    some calibration subsets; see docs/tensorrt.md.
     """
     pytest.importorskip("torch")
     pytest.importorskip("sklearn")
@@ -200,6 +201,10 @@ def test_demo_int8_for_tensorrt_per_exit_accuracy(tmp_path: Path) -> None:
     report = check_bundle(root, TargetName.TENSORRT, Precision.INT8, calib_data=tmp_path / "calib", calib_samples=300)
     assert report.ready, report.render()
     m = Bundle.open(root).manifest
+    assert m.quantization is not None
+    gate = m.quantization.config["gate"]  # every exit checked against FP32 on the calibration images
+    assert gate["images"] == 300 and gate["attempts"] and 0 <= gate["chosen"] < len(gate["attempts"])
+    assert m.quantization.config["float_ops"] == gate["float_ops"] == gate["attempts"][gate["chosen"]]["float_ops"]
     pre = m.preprocess
     x, y = to_model_input(split.x_heldout, pre.mean, pre.std), split.y_heldout
     opts = BuildOptions.from_mapping({})
@@ -214,4 +219,4 @@ def test_demo_int8_for_tensorrt_per_exit_accuracy(tmp_path: Path) -> None:
     drops = {name: [round(f - q, 2) for f, q in zip(fp32, acc, strict=True)]
              for name, acc in (("strong", strong), ("weak", weak))}
     assert max(drops["strong"]) <= 0.5, (fp32, strong, weak, drops)
-    assert max(drops["weak"]) <= 0.75, (fp32, strong, weak, drops)
+    assert max(drops["weak"]) <= 0.5, (fp32, strong, weak, drops)
