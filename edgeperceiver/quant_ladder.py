@@ -24,14 +24,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from .errors import InputError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .quantize import QuantizeConfig
 
 #: the accuracy gate, in points of top-1 agreement with FP32 (the demo's INT8 promise)
 GATE_POINTS = 0.5
@@ -49,6 +46,18 @@ _CONV = frozenset({"Conv", "Convolution", "GroupConvolution"})
 T = TypeVar("T")
 
 
+class LadderConfig(Protocol):
+    """What the ladder reads of :class:`edgeperceiver.quantize.QuantizeConfig` (a dataclass)."""
+
+    @property
+    def float_ops(self) -> tuple[str, ...]: ...
+    @property
+    def ladder(self) -> tuple[str, ...]: ...
+
+
+C = TypeVar("C", bound=LadderConfig)
+
+
 def check_float_ops(ops: Sequence[str], what: str = "float_ops") -> None:
     bad = [o for o in ops if o not in FLOAT_OPS]
     if bad:
@@ -62,8 +71,6 @@ def float_types(ops: Sequence[str]) -> list[str]:
 
 def float_names(model: Any, ops: Sequence[str], exits: Sequence[str]) -> list[str]:
     """Node names NNCF leaves in float for the scopes ``ops`` (ONNX ModelProto or openvino.Model)."""
-    from .quantize import head_nodes
-
     names: list[str] = []
     if "heads" in ops:
         names += head_nodes(model, exits)
@@ -84,6 +91,40 @@ def _convs(model: Any) -> list[tuple[str, bool]]:
             for op in model.get_ordered_ops() if op.get_type_name() in _CONV]
 
 
+#: ops between a classifier's MatMul/Gemm and the exit output (bias, reshapes, casts)
+_HEAD_PASS = frozenset({"Add", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Convert", "Cast"})
+
+
+def head_nodes(model: Any, exits: Sequence[str]) -> list[str]:
+    """Names of the MatMul/Gemm nodes that make the ``exits`` (ONNX or OpenVINO model).
+
+    Walks back from each exit through bias adds and reshapes to the first matrix product.
+    """
+    found: list[str] = []
+    if hasattr(model, "graph"):  # onnx.ModelProto
+        producer = {o: n for n in model.graph.node for o in n.output}
+        for e in exits:
+            node = producer.get(e)
+            while node is not None and node.op_type in _HEAD_PASS:
+                node = producer.get(node.input[0])
+            if node is not None and node.op_type in ("MatMul", "Gemm"):
+                found.append(node.name)
+        return found
+    for result in model.get_results():  # openvino.Model
+        source = result.input(0).get_source_output()
+        if exits and not set(source.get_names()) & set(exits):
+            continue
+        op = source.get_node()
+        while op.get_type_name() in {"Add", "Reshape", "Squeeze", "Unsqueeze", "Convert"} or (
+            op.get_type_name() == "Multiply"  # Gemm's alpha
+            and op.input(1).get_source_output().get_node().get_type_name() == "Constant"
+        ):
+            op = op.input(0).get_source_output().get_node()
+        if op.get_type_name() == "MatMul":
+            found.append(op.get_friendly_name())
+    return found
+
+
 def agreement(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> list[float]:
     """Per exit: the fraction of images whose top-1 class is FP32's."""
     return [float(np.mean(r.argmax(1) == c.argmax(1))) for r, c in zip(reference, candidate, strict=True)]
@@ -94,7 +135,7 @@ def within_gate(agree: Sequence[float], gate_points: float = GATE_POINTS) -> boo
     return all(a >= floor - 1e-12 for a in agree)
 
 
-def rungs(config: QuantizeConfig) -> list[QuantizeConfig]:
+def rungs(config: C) -> list[C]:
     """The configured settings, then one more float scope of ``config.ladder`` per rung."""
     check_float_ops(config.float_ops)
     check_float_ops(config.ladder, "ladder")
@@ -104,25 +145,25 @@ def rungs(config: QuantizeConfig) -> list[QuantizeConfig]:
         if step in ops:
             continue
         ops.append(step)
-        out.append(dataclasses.replace(config, float_ops=tuple(ops)))
+        out.append(dataclasses.replace(config, float_ops=tuple(ops)))  # type: ignore[type-var]
     return out
 
 
 def climb(
-    config: QuantizeConfig,
-    build: Callable[[QuantizeConfig], tuple[T, Sequence[float]]],
+    config: C,
+    build: Callable[[C], tuple[T, Sequence[float]]],
     *,
     gate_points: float,
     images: int,
     log: Callable[[str], None] | None = None,
-) -> tuple[T, QuantizeConfig, dict[str, Any]]:
+) -> tuple[T, C, dict[str, Any]]:
     """Quantize with each rung until one is within the gate at every exit.
 
     ``build(config)`` quantizes and returns ``(result, per-exit agreement with FP32)``.
     Returns the chosen result, its settings, and metadata listing every attempt.
     """
     attempts: list[dict[str, Any]] = []
-    best: tuple[tuple[float, float], int, T, QuantizeConfig] | None = None
+    best: tuple[tuple[float, float], int, T, C] | None = None
     for k, cfg in enumerate(rungs(config)):
         result, agree = build(cfg)
         ok = within_gate(agree, gate_points)

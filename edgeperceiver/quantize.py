@@ -27,6 +27,7 @@ from ._optional import require
 from .errors import InputError
 from .options import parse_options
 from .passes.qdq_check import check_qdq_segments
+from .quant_ladder import check_float_ops, float_names, float_types
 
 if TYPE_CHECKING:  # pragma: no cover
     from .bundle import Manifest
@@ -112,7 +113,8 @@ def nncf_quantize(
     """Quantize ``model`` (ONNX ModelProto or openvino.Model) with NNCF PTQ on ``feeds``.
 
     ``feeds`` is the calibration contract: one input dict per calibration step. ``exits``
-    (output tensor names) locate the classifier heads kept in float with ``float_heads``.
+    (output tensor names) locate the classifier heads kept in float with ``float_heads``
+    (:func:`edgeperceiver.quant_ladder.head_nodes`).
     """
     nncf = require("nncf", purpose="INT8 quantization")
     if config.preset not in ("performance", "mixed"):
@@ -123,8 +125,6 @@ def nncf_quantize(
         smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=0.95 if config.smooth_quant else -1.0),
         disable_bias_correction=not config.bias_correction,
     )
-    from .quant_ladder import check_float_ops, float_names, float_types
-
     check_float_ops(config.float_ops)
     ops = (*config.float_ops, *(("heads",) if config.float_heads else ()))
     names = list(dict.fromkeys([*config.ignored_names, *float_names(model, ops, exits)]))
@@ -142,40 +142,6 @@ def nncf_quantize(
         ignored_scope=ignored,
         advanced_parameters=advanced,
     )
-
-
-#: ops between a classifier's MatMul/Gemm and the exit output (bias, reshapes, casts)
-_HEAD_PASS = frozenset({"Add", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Convert", "Cast"})
-
-
-def head_nodes(model: Any, exits: Sequence[str]) -> list[str]:
-    """Names of the MatMul/Gemm nodes that make the ``exits`` (ONNX or OpenVINO model).
-
-    Walks back from each exit through bias adds and reshapes to the first matrix product.
-    """
-    found: list[str] = []
-    if hasattr(model, "graph"):  # onnx.ModelProto
-        producer = {o: n for n in model.graph.node for o in n.output}
-        for e in exits:
-            node = producer.get(e)
-            while node is not None and node.op_type in _HEAD_PASS:
-                node = producer.get(node.input[0])
-            if node is not None and node.op_type in ("MatMul", "Gemm"):
-                found.append(node.name)
-        return found
-    for result in model.get_results():  # openvino.Model
-        source = result.input(0).get_source_output()
-        if exits and not set(source.get_names()) & set(exits):
-            continue
-        op = source.get_node()
-        while op.get_type_name() in {"Add", "Reshape", "Squeeze", "Unsqueeze", "Convert"} or (
-            op.get_type_name() == "Multiply"  # Gemm's alpha
-            and op.input(1).get_source_output().get_node().get_type_name() == "Constant"
-        ):
-            op = op.input(0).get_source_output().get_node()
-        if op.get_type_name() == "MatMul":
-            found.append(op.get_friendly_name())
-    return found
 
 
 def image_feeds(calib: np.ndarray, input_name: str, batch: int = 1) -> list[dict[str, np.ndarray]]:

@@ -1,7 +1,8 @@
 """End to end on the demo model (trained on real digits): OpenVINO INT8 keeps every exit's accuracy.
 
 Slow: exports the shipped demo checkpoint, compiles OpenVINO fp32, int8 (calibrated on 300
-training images; float parts chosen automatically), int8 with bf16 float parts forced (where
+training images; kept within the gate by the accuracy ladder; float parts chosen
+automatically), int8 with bf16 float parts forced (where
 the CPU has bf16: what the automatic choice takes on CPUs where bf16 measures faster, e.g.
 Xeon with AMX) and auto, and compares top-1 accuracy per exit on the held-out digits.
 """
@@ -109,7 +110,13 @@ def test_auto_keeps_every_exit_within_half_a_point_and_is_not_slower_than_fp32(
 
 
 def test_int8_keeps_every_exit_within_half_a_point(demo: tuple[Path, np.ndarray, np.ndarray, np.ndarray]) -> None:
-    root, _, x, y = demo
+    from edgeperceiver.bundle import Bundle
+
+    root, calib, x, y = demo
+    # every exit of the quantized chain was checked against FP32 on the calibration images
+    gate = Bundle.open(root).manifest.target("openvino-int8").metadata["int8_gate"]
+    assert gate["images"] == calib.shape[0] and gate["attempts"]
+    assert gate["float_ops"] == gate["attempts"][gate["chosen"]]["float_ops"]
     ref = load(root, "onnxruntime-fp32", threads=2).all_exits(x)  # the raw segments
     fp32 = load(root, "openvino-fp32", threads=2).all_exits(x)
     int8 = load(root, "openvino-int8", threads=2).all_exits(x)
