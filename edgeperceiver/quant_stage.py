@@ -86,11 +86,11 @@ def ensure_quantized(
         log(f"quantizing INT8 (QDQ, whole graph, NNCF preset {config.preset}) on {calib.shape[0]} images ...")
     model_path = writer.dir / manifest.model_path
     exits = list(manifest.exits)
-    reference = _run_exits(_load(model_path), calib, manifest.input.name, exits)
+    reference = run_exits(_load(model_path), calib, manifest.input.name, exits)
 
     def build(cfg: QuantizeConfig) -> tuple[tuple[Any, list[Any]], list[float]]:
         qmodel, segs = qdq_segments(model_path, manifest, calib, cfg)
-        agree = [min(a) for a in zip(*(agreement(reference, _run_exits(g, calib, manifest.input.name, exits))
+        agree = [min(a) for a in zip(*(agreement(reference, run_exits(g, calib, manifest.input.name, exits))
                                        for g in consumer_graphs(qmodel)), strict=True)]
         return (qmodel, segs), agree
 
@@ -133,7 +133,7 @@ def _load(path: Any) -> Any:
     return load_model(str(path))
 
 
-def _run_exits(model: Any, x: np.ndarray, input_name: str, exits: list[str], batch: int = 64) -> list[np.ndarray]:
+def run_exits(model: Any, x: np.ndarray, input_name: str, exits: list[str], batch: int = 64) -> list[np.ndarray]:
     """``model``'s exits on ``x`` in ONNX Runtime (CPU)."""
     ort = require("onnxruntime", purpose="checking the INT8 graph against FP32")
     opts = ort.SessionOptions()
