@@ -86,7 +86,9 @@ class OpenVINOOptions:
     gate_points: float = field(default=GATE_POINTS, metadata={"min": 0.0, "max": 100.0})
     #: calibration images the automatic choices check agreement on (0 = all)
     gate_samples: int = field(default=0, metadata={"min": 0})
-    quant: QuantizeConfig = field(default_factory=QuantizeConfig)
+    #: the accuracy ladder stops at the early convolutions here: OpenVINO 2026.4's CPU plugin
+    #: crashed (SIGSEGV) releasing demo segments with every convolution in float (docs/openvino.md)
+    quant: QuantizeConfig = field(default_factory=lambda: QuantizeConfig(ladder=("early_convs",)))
     threads: int | None = None  #: threads for the latency report (None = OpenVINO's default)
     latency_runs: int = field(default=30, metadata={"min": 0})  #: timed batch-1 runs per segment (0 = skip)
     report_samples: int = field(default=64, metadata={"min": 0})  #: images for the agreement report (0 = skip)
