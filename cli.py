@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -71,22 +71,26 @@ def _choose_entry(bundle: Path, name: str | None, *, quiet: bool, doing: str = "
     return b, choice
 
 
-def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
+N = TypeVar("N", int, float)
+
+
+def _numbers(text: str | None, what: str, kind: type[N]) -> tuple[N, ...] | None:
+    """A comma-separated option value as numbers of ``kind`` (int or float); None stays None."""
     if text is None:
         return None
     try:
-        return tuple(float(x) for x in text.split(","))
+        return tuple(kind(x) for x in text.split(","))
     except ValueError:
-        raise InputError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+        noun = "integers" if kind is int else "numbers"
+        raise InputError(f"{what}: expected comma-separated {noun}, got {text!r}") from None
+
+
+def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    return _numbers(text, what, float)
 
 
 def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise InputError(f"{what}: expected comma-separated integers, got {text!r}") from None
+    return _numbers(text, what, int)
 
 
 def _echo_json(obj: Any) -> None:
