@@ -63,8 +63,11 @@ def start(
 
     if not ray.is_initialized():
         if address is None:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", configure_logging=True,
-                     _node_ip_address="127.0.0.1", _metrics_export_port=metrics_port)  # fmt: skip
+            # "local": a new instance of our own, even beside one that `ray start` made or
+            # RAY_ADDRESS names (joining those is what --address is for)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
+                     configure_logging=True, _node_ip_address="127.0.0.1",
+                     _metrics_export_port=metrics_port)  # fmt: skip
         else:
             ray.init(address=address, logging_level="WARNING")
     serve.start(http_options={"host": host, "port": port}, proxy_location=proxy_location)
