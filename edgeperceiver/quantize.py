@@ -16,6 +16,7 @@ Heavy modules (onnx, nncf) are imported inside the functions.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -132,16 +133,22 @@ def nncf_quantize(
     ignored = None
     if types or names:
         ignored = nncf.IgnoredScope(types=types, names=names, validate=False)
-    return nncf.quantize(
-        model,
-        nncf.Dataset(list(feeds)),
-        preset=nncf.QuantizationPreset(config.preset),
-        model_type=nncf.ModelType.TRANSFORMER if config.transformer else None,
-        subset_size=min(config.subset_size, len(feeds)),
-        fast_bias_correction=config.fast_bias_correction,
-        ignored_scope=ignored,
-        advanced_parameters=advanced,
-    )
+    nncf_log = logging.getLogger("nncf")
+    level = nncf_log.level
+    nncf_log.setLevel(max(level, logging.WARNING))  # not one INFO line per op kept in float
+    try:
+        return nncf.quantize(
+            model,
+            nncf.Dataset(list(feeds)),
+            preset=nncf.QuantizationPreset(config.preset),
+            model_type=nncf.ModelType.TRANSFORMER if config.transformer else None,
+            subset_size=min(config.subset_size, len(feeds)),
+            fast_bias_correction=config.fast_bias_correction,
+            ignored_scope=ignored,
+            advanced_parameters=advanced,
+        )
+    finally:
+        nncf_log.setLevel(level)
 
 
 def image_feeds(calib: np.ndarray, input_name: str, batch: int = 1) -> list[dict[str, np.ndarray]]:
