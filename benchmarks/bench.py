@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from edgeperceiver.bench import BenchReport, bench  # noqa: E402
 from edgeperceiver.errors import EdgePerceiverError  # noqa: E402
+from edgeperceiver.machine import machine_line  # noqa: E402
 from edgeperceiver.runtime import Runner, load  # noqa: E402
 
 MODEL = "reg800m_perceiver_t128"
@@ -231,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        seed=args.seed, extra_jobs=extra, clock=args.clock)
         weights = "golden fixture weights" if ckpt else "seeded random weights"
         print(f"== {MODEL} ({weights}), {args.threads} threads, medians of {args.repeats} interleaved repeats, "
-              f"{args.clock} clock ==")
+              f"{args.clock} clock; {machine_line()} ==")
         print(render(report, names, skipped))
         print()
         print(report.render())

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,23 +35,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from edgeperceiver.bundle import Bundle  # noqa: E402
+from edgeperceiver.machine import cpu_model  # noqa: E402
 from edgeperceiver.runtime.runner import load  # noqa: E402
 from edgeperceiver.timing import interleaved  # noqa: E402
 
 MODEL = "reg800m_perceiver_t128"
 GOLDEN = REPO.parent / "shared" / "fixtures" / "dynperceiver"
-
-
-def cpu_model() -> str:
-    """``lscpu``'s model name (``platform.processor()`` where lscpu is missing)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def export_reg800m(dest: Path, threads: int) -> Path:

@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from edgeperceiver.bench import monolithic_session  # noqa: E402
 from edgeperceiver.bundle import Bundle, TargetEntry  # noqa: E402
+from edgeperceiver.machine import machine_line  # noqa: E402
 from edgeperceiver.runtime.openvino import OpenVINOBackend  # noqa: E402
 from edgeperceiver.runtime.runner import load  # noqa: E402
 from edgeperceiver.timing import interleaved  # noqa: E402
@@ -314,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         eager = min(med["PyTorch eager fp32"], med["PyTorch eager fp32, 1 thread"])
         w = max(len(n) for n in med) + 2
         print(f"== {MODEL} 224x224, batch {args.batch}, {args.threads} threads, "
-              f"medians of {args.rounds} interleaved rounds x {args.block} calls ==")
+              f"medians of {args.rounds} interleaved rounds x {args.block} calls; {machine_line()} ==")
         print("engine".ljust(w) + f"{'median ms':>11}{'p25':>9}{'p75':>9}{'vs eager*':>10}")
         for n in med:
             print(n.ljust(w) + f"{med[n]:11.2f}{q1[n]:9.2f}{q3[n]:9.2f}{eager / med[n]:9.2f}x")

@@ -39,10 +39,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_onnxruntime import cpu_model, export_reg800m  # noqa: E402
+from bench_onnxruntime import export_reg800m  # noqa: E402
 from bench_openvino import GOLDEN, MODEL, monolithic, pytorch_eager, synthetic_images  # noqa: E402
 
 from edgeperceiver.bundle import Bundle  # noqa: E402
+from edgeperceiver.machine import cpu_model  # noqa: E402
 from edgeperceiver.runtime.runner import load  # noqa: E402
 from edgeperceiver.timing import interleaved  # noqa: E402
 from edgeperceiver.types import Precision, TargetName  # noqa: E402

@@ -33,7 +33,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from edgeperceiver.apps.serve import Client, ServeConfig, start, stop  # noqa: E402
 from edgeperceiver.bundle import Bundle, Preprocess  # noqa: E402
+from edgeperceiver.machine import cpu_model  # noqa: E402
 from edgeperceiver.runtime.preprocess import IMAGE_SUFFIXES, decode_image  # noqa: E402
 
 
@@ -65,17 +65,6 @@ class Row:
     exit_share: tuple[float, ...]
     server_cpu_ms: float = float("nan")  #: CPU per request of the replica process + HAProxy
     client_cpu_ms: float = float("nan")  #: CPU per request of this process (the client threads)
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def versions() -> str:

@@ -34,6 +34,7 @@ import numpy as np
 
 from .bundle import Bundle, SegmentSpec, TargetEntry
 from .errors import InputError
+from .machine import machine_line
 from .runtime.backend import Backend, Session
 from .runtime.cli_support import dumps_json
 from .runtime.runner import Runner, load
@@ -197,7 +198,7 @@ class BenchReport:
             f"{self.model} on {self.target} ({self.backend}, threads {threads}): medians of {self.repeats} "
             f"interleaved repeats"
             + (f" in blocks of {self.block}" if self.block > 1 else "")
-            + f" after {self.warmup} warm-up rounds, {self.clock} clock",
+            + f" after {self.warmup} warm-up rounds, {self.clock} clock; {self.info.get('machine', machine_line())}",
             " " * w0 + "  " + "  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)),
         ]
         for label, cells in rows:
@@ -395,5 +396,5 @@ def bench(
         data_exit_share=share,
         extra_ms={n: median_ms(times[n]) for n in extra},
         clock=clock,
-        info={"criterion": runner.criterion.value, "mix_round": mix_round, "seed": seed},
+        info={"criterion": runner.criterion.value, "mix_round": mix_round, "seed": seed, "machine": machine_line()},
     )
