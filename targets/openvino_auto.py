@@ -107,7 +107,8 @@ def choose_per_segment(
             picks = [name] * len(picks)
             chosen, chain = candidates[name], chains[name]
             meta["per_segment"] = picks
-    est = sum(seg_ms[p][k] for k, p in enumerate(picks))
+    # from the recorded (rounded) segment times, so the metadata adds up as it reads
+    est = sum(meta["candidates"][p]["segment_ms"][k] for k, p in enumerate(picks))
     meta["estimated_ms"] = round(est, 3)
     log(f"  chosen per segment: {' / '.join(picks)} (~{est:.2f} ms from the loop above; fp32 "
         f"{sum(seg_ms['fp32']):.2f} ms)" if "fp32" in seg_ms else f"  chosen per segment: {' / '.join(picks)}")
