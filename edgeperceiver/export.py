@@ -21,7 +21,6 @@ import importlib
 import importlib.util
 import itertools
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,18 +33,17 @@ from .bundle import (
     Preprocess,
     SegmentSpec,
     TargetEntry,
-    TensorSpec,
     check_destination,
     write_bundle,
 )
-from .cut import CutPlan, cut_model, run_chain
+from .cut import cut_model, run_chain
 from .errors import CheckpointError, ExportError, InputError
-from .export_report import ExportReport, SegmentStat, VerifyRow
+from .export_report import ExportReport, VerifyRow, segment_stats
 from .export_torch import INPUT_NAME, exit_tensors, torch_to_onnx
 from .export_torch import load_module_factory as load_module_factory  # public API
-from .macs import macs_tensors, node_macs, numel
-from .onnx_utils import input_info, load_model, np_dtype_name, ort_session, probe, random_input
-from .passes.shapes import eliminate_dead, fold_static_shapes, make_batch_dynamic, restrict_outputs
+from .onnx_utils import input_info, load_model, ort_session, random_input
+from .passes.shapes import fold_static_shapes, make_batch_dynamic, restrict_outputs
+from .passes.simplify import simplify_graph
 from .progress import message
 from .types import Precision, TargetName
 
@@ -55,7 +53,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: absolute tolerance per unit of output magnitude: tol = ATOL * max(1, max |reference|)
 ATOL = 1e-4
-PARAM_DTYPES = frozenset({"float32", "float16", "bfloat16", "float64", "int8", "uint8"})
 
 Reference = Callable[[np.ndarray], Mapping[str, np.ndarray]]
 
@@ -264,7 +261,7 @@ def _export_graph(
     model, fold = fold_static_shapes(model, threads=threads, seed=seed)
     simplified = None
     if simplify:
-        model, simplified = _simplify(model, threads=threads)
+        model, simplified = simplify_graph(model, threads=threads)
     in_name, in_dtype, in_shape = input_info(model)
     message(f"cutting into {len(exits)} segments")
     plan, segments, specs = cut_model(model, exits, seed=seed, threads=threads)
@@ -296,7 +293,7 @@ def _export_graph(
             top1_agreement=float(np.mean(np.argmax(r, 1) == np.argmax(c, 1))) if r.size else 1.0,
             tolerance=tol,
         ))
-    stats = _segment_stats(model, plan, segments, specs, in_name, in_shape, threads=threads)
+    stats = segment_stats(model, plan, segments, specs, in_name, in_shape, threads=threads)
     classes = _check_labels(names_given, num_classes or 0)
     report = ExportReport(
         out=out, model_name=name, source=source, reference=reference_kind, exits=exits,
@@ -349,42 +346,6 @@ def _write(out: Path, overwrite: bool, model: onnx.ModelProto, segments: Sequenc
             standalone = importlib.import_module("edgeperceiver.runtime.standalone")
             standalone.install_standalone(w.dir)
         w.manifest = manifest
-
-
-def _segment_stats(
-    model: onnx.ModelProto, plan: CutPlan, segments: Sequence[onnx.ModelProto], specs: Mapping[str, TensorSpec],
-    in_name: str, in_shape: Sequence[int | str], *, threads: int | None,
-) -> tuple[SegmentStat, ...]:
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    # concrete shapes at batch 1 for the nodes whose MACs are counted
-    nodes = [g.node[i] for s in plan.segments for i in s.nodes]
-    need = macs_tensors(nodes)
-    shapes: dict[str, tuple[int, ...]] = {n: tuple(int(d) for d in inits[n].dims) for n in need if n in inits}
-    todo = [n for n in need if n not in shapes]
-    if todo:
-        _, dtype, _ = input_info(model)
-        x = random_input((1, *[int(d) for d in in_shape[1:]]), dtype=dtype)
-        _, got = probe(model, {in_name: x}, shapes_of=todo, threads=threads)
-        shapes.update(got)
-    seen_inits: set[str] = set()
-    stats = []
-    for s in plan.segments:
-        params = 0
-        for name in s.initializers:
-            t = inits[name]
-            if name in seen_inits:
-                continue
-            seen_inits.add(name)
-            if np_dtype_name(t.data_type) in PARAM_DTYPES and len(t.dims) > 0:  # 0-d: literals, not weights
-                params += numel(tuple(t.dims))
-        flops = sum(node_macs(g.node[i], shapes) for i in s.nodes)
-        carried = tuple(specs[o] for o in s.outputs if any(o in later.inputs for later in plan.segments[s.index:]))
-        stats.append(SegmentStat(
-            index=s.index, exit=s.exit, nodes=len(s.nodes) + len(s.shared), params=params, flops=int(flops),
-            inputs=s.inputs, carried=carried, carried_bytes=sum(t.per_sample_bytes() for t in carried),
-        ))
-    return tuple(stats)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -447,31 +408,3 @@ def _maxdiff(a: np.ndarray, b: np.ndarray) -> float:
         return 0.0
     d = np.abs(a.astype(np.float64) - b.astype(np.float64))
     return float(np.max(np.where(np.isnan(d), np.inf, d)))
-
-
-def _simplify(model: onnx.ModelProto, *, threads: int | None) -> tuple[onnx.ModelProto, str]:
-    """onnxslim when installed, else ONNX Runtime's provider-independent (basic) offline rewrites."""
-    onnx = require("onnx", purpose="ONNX export")
-    if importlib.util.find_spec("onnxslim") is not None:
-        onnxslim = importlib.import_module("onnxslim")
-        try:
-            slim = onnxslim.slim(model)
-        except Exception as exc:  # a third-party simplifier
-            raise ExportError(f"onnxslim failed: {type(exc).__name__}: {exc}") from exc
-        return slim, f"onnxslim {getattr(onnxslim, '__version__', '')}".strip()
-    ort = require("onnxruntime", purpose="simplifying ONNX models")
-    with tempfile.TemporaryDirectory(prefix="edgeperceiver-simplify-") as tmp:
-        path = Path(tmp) / "basic.onnx"
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        opts.optimized_model_filepath = str(path)
-        if threads:
-            opts.intra_op_num_threads = threads
-        try:
-            ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime's own exception classes
-            raise ExportError(f"ONNX Runtime could not simplify the model: {exc}") from exc
-        slim = onnx.load(str(path))
-    make_batch_dynamic(slim)
-    eliminate_dead(slim)
-    return slim, f"onnxruntime {ort.__version__} basic graph rewrites"

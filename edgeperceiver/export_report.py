@@ -5,12 +5,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .bundle import BATCH, TensorSpec
+from .cut import CutPlan
+from .macs import macs_tensors, node_macs, numel
+from .onnx_utils import input_info, np_dtype_name, probe, random_input
 from .passes.shapes import FoldStats
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+
+#: initializer dtypes counted as parameters (others are indices and literals)
+PARAM_DTYPES = frozenset({"float32", "float16", "bfloat16", "float64", "int8", "uint8"})
 
 
 @dataclass(frozen=True)
@@ -129,3 +138,40 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return [fmt.format(*head), *(fmt.format(*r) for r in rows)]
+
+
+def segment_stats(
+    model: onnx.ModelProto, plan: CutPlan, segments: Sequence[onnx.ModelProto], specs: Mapping[str, TensorSpec],
+    in_name: str, in_shape: Sequence[int | str], *, threads: int | None,
+) -> tuple[SegmentStat, ...]:
+    """Parameters, MACs at batch 1 and carried tensors of each segment of ``plan``."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    # concrete shapes at batch 1 for the nodes whose MACs are counted
+    nodes = [g.node[i] for s in plan.segments for i in s.nodes]
+    need = macs_tensors(nodes)
+    shapes: dict[str, tuple[int, ...]] = {n: tuple(int(d) for d in inits[n].dims) for n in need if n in inits}
+    todo = [n for n in need if n not in shapes]
+    if todo:
+        _, dtype, _ = input_info(model)
+        x = random_input((1, *[int(d) for d in in_shape[1:]]), dtype=dtype)
+        _, got = probe(model, {in_name: x}, shapes_of=todo, threads=threads)
+        shapes.update(got)
+    seen_inits: set[str] = set()
+    stats = []
+    for s in plan.segments:
+        params = 0
+        for name in s.initializers:
+            t = inits[name]
+            if name in seen_inits:
+                continue
+            seen_inits.add(name)
+            if np_dtype_name(t.data_type) in PARAM_DTYPES and len(t.dims) > 0:  # 0-d: literals, not weights
+                params += numel(tuple(t.dims))
+        flops = sum(node_macs(g.node[i], shapes) for i in s.nodes)
+        carried = tuple(specs[o] for o in s.outputs if any(o in later.inputs for later in plan.segments[s.index:]))
+        stats.append(SegmentStat(
+            index=s.index, exit=s.exit, nodes=len(s.nodes) + len(s.shared), params=params, flops=int(flops),
+            inputs=s.inputs, carried=carried, carried_bytes=sum(t.per_sample_bytes() for t in carried),
+        ))
+    return tuple(stats)
