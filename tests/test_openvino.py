@@ -143,7 +143,6 @@ def test_session_compiles_one_static_model_per_batch_size_and_is_thread_safe(com
     for cm in sess._compiled.values():  # static shapes, pinned precision
         assert cm.input(0).get_partial_shape().is_static
         assert str(cm.get_property("INFERENCE_PRECISION_HINT")) in ("f32", "<Type: 'float32'>", "float32")
-        assert cm.get_property("ENABLE_CPU_PINNING") is False  # OpenVINO's default pins; see the backend
     np.testing.assert_allclose(one["e1"], full["e1"][:3], atol=1e-5)
 
     results: list[np.ndarray] = []
@@ -156,16 +155,6 @@ def test_session_compiles_one_static_model_per_batch_size_and_is_thread_safe(com
     assert len(results) == 20
     for r in results:
         np.testing.assert_array_equal(r, full["e1"])
-
-
-def test_cpu_pinning_is_off_unless_asked_for(compiled: Path) -> None:
-    b = Bundle.open(compiled)
-    entry = b.manifest.target("openvino-fp32")
-    seg = b.manifest.segments[0]
-    pinned = OpenVINOBackend(threads=1, pinning=True).open(b, entry, seg).compiled(1)
-    assert pinned.get_property("ENABLE_CPU_PINNING") is True
-    with pytest.raises(InputError, match="pinning must be true or false"):
-        OpenVINOBackend(pinning="yes")  # type: ignore[arg-type]
 
 
 def test_throughput_hint_splits_batches_asynchronously(compiled: Path) -> None:

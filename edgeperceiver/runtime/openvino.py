@@ -9,12 +9,6 @@ Facts this module is built on (measured on the project's 2-core Zen4 CPU):
   pinned; the precision a target entry was compiled and calibrated for is stored in its
   metadata (``inference_precision``) and is the one pinned here;
 - ``CACHE_DIR`` makes the second process start from OpenVINO's compiled-blob cache;
-- CPU pinning (``ENABLE_CPU_PINNING``, on by default in OpenVINO on Linux) is off here unless
-  asked for: each ``ov.Core`` pins its own threads without knowing the others', so a process
-  holding models from two cores (a runner and a reference model, two runners, a compile and
-  the runner that checks it) put both on the same CPUs in 3 of 4 processes and ran 1.5x
-  slower (INT8 reg800m, 2 threads: 18.4-19.0 ms against 12.1-13.1 ms unpinned; a process
-  with one model ran the same either way);
 - a bf16 entry (and an INT8 one whose float parts run bf16) carries its inter-segment
   tensors in bfloat16: they travel between segments as numpy ``uint16`` bit patterns
   (:func:`bf16_to_float32` reads them); exits and the image stay float32.
@@ -72,15 +66,12 @@ class OpenVINOConfig:
     cache_dir: str | None = None  #: CACHE_DIR for compiled blobs; None = no cache
     precision: str | None = None  #: INFERENCE_PRECISION_HINT override (f32, bf16, f16)
     device: str = "CPU"
-    pinning: bool = False  #: ENABLE_CPU_PINNING (see the module notes)
 
     def compile_properties(self, inference_precision: str) -> dict[str, Any]:
         props: dict[str, Any] = {
             "PERFORMANCE_HINT": self.hint,
             "INFERENCE_PRECISION_HINT": inference_precision,
         }
-        if self.device.upper().startswith("CPU"):
-            props["ENABLE_CPU_PINNING"] = self.pinning
         if self.threads is not None:
             props["INFERENCE_NUM_THREADS"] = self.threads
         return props
@@ -128,15 +119,12 @@ class OpenVINOBackend(HostArrays):
         cache_dir: str | os.PathLike[str] | None = None,
         precision: str | Precision | None = None,
         device: str = "CPU",
-        pinning: bool = False,
     ) -> None:
         hint_u = str(hint).upper()
         if hint_u not in HINTS:
             raise InputError(f"OpenVINO hint must be one of {', '.join(HINTS)}, not {hint!r}")
         if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
             raise InputError(f"threads must be a positive integer, not {threads!r}")
-        if not isinstance(pinning, bool):
-            raise InputError(f"pinning must be true or false, not {pinning!r}")
         prec = None if precision is None else inference_precision_hint(precision)
         self.config = OpenVINOConfig(
             threads=None if threads is None else int(threads),
@@ -144,7 +132,6 @@ class OpenVINOBackend(HostArrays):
             cache_dir=None if cache_dir is None else str(cache_dir),
             precision=prec,
             device=device,
-            pinning=pinning,
         )
         ov = require("openvino", purpose="running a bundle on OpenVINO")
         self._ov = ov
