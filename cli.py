@@ -460,6 +460,28 @@ def serve(
     serve_bundle(config, address=address, host=host, port=port, haproxy=haproxy, echo=typer.echo)
 
 
+@app.command()
+def pack(
+    bundle: BundleArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Archive to write: .tar.gz, .tgz, .tar.xz or .tar.")],
+    entry: Annotated[
+        list[str] | None, typer.Option("--entry", "-e", help="Keep only this entry (repeatable; default: all).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing archive.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Pack a bundle into one archive of plain files for the device (verified; optionally trimmed)."""
+    from edgeperceiver.pack import pack_bundle
+
+    report = pack_bundle(bundle, out, entries=entry, overwrite=force)
+    if as_json:
+        _echo_json({**_fields(report), "archive": str(report.archive)})
+        return
+    typer.echo(f"wrote {report.archive}: {report.files} files, {report.bytes_in / 1e6:.1f} MB in, "
+               f"{report.bytes_out / 1e6:.1f} MB packed; entries: {', '.join(report.entries) or 'none'}")
+    typer.echo(f"on the device: tar xf {report.archive.name} && python {report.top}/run.py IMAGES")
+
+
 def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
     typer.secho(f"warning: {message}", err=True, fg=typer.colors.YELLOW)
 

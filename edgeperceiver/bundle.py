@@ -150,7 +150,7 @@ class Bundle:
             manifest = Manifest.from_dict(data)
         except BundleError as exc:
             raise BundleError(f"{root / MANIFEST}: {exc}") from exc
-        for rel in _referenced_paths(manifest):
+        for rel in referenced_paths(manifest):
             _inside(location, rel)
             if rel not in manifest.files:
                 raise BundleError(f"{root / MANIFEST}: {rel!r} is referenced but has no checksum in 'files'")
@@ -190,7 +190,8 @@ def _unlisted(location: Path, files: Mapping[str, str]) -> Iterator[str]:
                 yield rel
 
 
-def _referenced_paths(m: Manifest) -> Iterator[str]:
+def referenced_paths(m: Manifest) -> Iterator[str]:
+    """Every bundle file the manifest names (model, segments, entries' files, quantization stage)."""
     yield m.model_path
     for s in m.segments:
         yield s.path
@@ -266,7 +267,7 @@ class BundleWriter:
                 rel = p.relative_to(self.dir).as_posix()
                 files[rel] = sha256_file(p)
         manifest = dataclasses.replace(self.manifest, files=files)
-        for rel in _referenced_paths(manifest):
+        for rel in referenced_paths(manifest):
             if rel not in files:
                 raise BundleError(f"internal: manifest references {rel!r} but the bundle has no such file")
         atomic_write(self.dir / MANIFEST, manifest.to_json().encode("utf-8"))

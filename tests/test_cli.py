@@ -133,7 +133,7 @@ def test_errors_are_one_line_with_exit_codes(bundle: Path, tmp_path: Path, capsy
 def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     code, text, _ = _cli(capsys, "--help")
     assert code == 0
-    for command in ("models", "export", "compile", "calibrate", "run", "bench", "demo"):
+    for command in ("models", "export", "compile", "calibrate", "run", "bench", "demo", "pack", "serve"):
         assert command in text
 
 
