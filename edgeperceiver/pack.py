@@ -20,13 +20,13 @@ import hashlib
 import io
 import os
 import tarfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from .bundle import MANIFEST, Bundle, referenced_paths
 from .errors import BundleError, InputError
 from .fsutil import temp_name
-from .manifest import Manifest, TargetEntry
+from .manifest import Manifest
 
 #: archive suffix -> tarfile write mode
 FORMATS = {".tar": "w", ".tar.gz": "w:gz", ".tgz": "w:gz", ".tar.xz": "w:xz"}
@@ -61,29 +61,18 @@ def trimmed(manifest: Manifest, keep: Sequence[str]) -> Manifest:
         have = ", ".join(sorted(manifest.targets)) or "none"
         raise InputError(f"no entry {', '.join(map(repr, missing))} in the bundle (its entries: {have})")
     kept = {k: manifest.targets[k] for k in manifest.targets if k in keep}
-    dropped = [k for k in manifest.targets if k not in kept]
-    needed = set(referenced_paths(dataclasses.replace(manifest, targets=kept)))
-    owned = set(_entry_files(manifest.targets[k] for k in dropped))
-    prefixes = tuple(p for k in dropped for p in (f"{k}/", f"reports/{k}/"))
-
-    def gone(rel: str) -> bool:
-        return rel not in needed and (rel in owned or rel.startswith(prefixes))
-
     quant = manifest.quantization
-    if quant is not None and not any(rel in {quant.model, *quant.segments} for rel in _entry_files(kept.values())):
-        # the shared quantized graph is an input of compiles; no kept entry runs it
-        owned |= {quant.model, *quant.segments}
-        needed -= owned
-        quant = None
-    files = {rel: digest for rel, digest in manifest.files.items() if not gone(rel)}
+    runs = set(referenced_paths(dataclasses.replace(manifest, targets=kept, quantization=None)))
+    if quant is not None and not runs & {quant.model, *quant.segments}:
+        quant = None  # the shared quantized graph is an input of compiles, and no kept entry runs it
+    needed = set(referenced_paths(dataclasses.replace(manifest, targets=kept, quantization=quant)))
+    unneeded = set(referenced_paths(manifest)) - needed
+    prefixes = tuple(p for k in manifest.targets if k not in kept for p in (f"{k}/", f"reports/{k}/"))
+    files = {
+        rel: digest for rel, digest in manifest.files.items()
+        if rel in needed or not (rel in unneeded or rel.startswith(prefixes))
+    }  # fmt: skip
     return dataclasses.replace(manifest, targets=kept, files=files, quantization=quant)
-
-
-def _entry_files(entries: Iterable[TargetEntry]) -> Iterator[str]:
-    for e in entries:
-        yield from e.segments
-        if e.monolithic:
-            yield e.monolithic
 
 
 def pack_bundle(
