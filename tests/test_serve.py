@@ -110,6 +110,19 @@ def assert_same(answers: Sequence[dict[str, Any]], labels: np.ndarray, exits: np
     assert bad.size == 0, f"{bad.size} answers differ from Runner.predict, first at {bad[:5]}"
 
 
+def assert_png_load_matches(
+    client: Any, want: Any, bodies: Sequence[bytes], n: int, concurrency: int, time_limit: float
+) -> list[dict[str, Any]]:
+    """``n`` PNG requests (the bodies in turn) on ``concurrency`` threads: none fails, each answer
+    equals ``want`` (``Runner.predict`` on the same images); returns the answers."""
+    answers, errors = hammer(lambda i: client.predict(bodies[i % len(bodies)], "image/png"), n, concurrency,
+                             time_limit=time_limit)  # fmt: skip
+    assert errors == [], errors[:3]
+    idx = np.arange(n) % len(bodies)
+    assert_same(answers, want.labels[idx], want.exits[idx])
+    return answers
+
+
 # --------------------------------------------------------------------------- decoding (no Ray)
 
 
@@ -426,12 +439,7 @@ def test_2000_requests_at_concurrency_16_all_equal_the_runner(digits: tuple[str,
     url, bundle, heldout = digits
     want, bodies = heldout_case(bundle, heldout)
     assert set(want.exits.tolist()) >= {1, 2}, "the calibrated thresholds should let samples leave early"
-    client = Client(url, timeout=60)
-    n = 2000
-    answers, errors = hammer(lambda i: client.predict(bodies[i % len(bodies)], "image/png"), n, 16, time_limit=240)
-    assert errors == [], errors[:3]
-    idx = np.arange(n) % len(bodies)
-    assert_same(answers, want.labels[idx], want.exits[idx])
+    answers = assert_png_load_matches(Client(url, timeout=60), want, bodies, 2000, 16, time_limit=240)
     assert {a["entry"] for a in answers} == {"onnxruntime-fp32"}
 
 

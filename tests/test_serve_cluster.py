@@ -9,9 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from test_serve import assert_same, digits_bundle, free_port, hammer, heldout_case
+from test_serve import assert_png_load_matches, digits_bundle, free_port, heldout_case
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("PIL.Image")
@@ -62,11 +61,7 @@ def test_replicas_on_both_nodes_serve_the_same_answers(two_nodes: tuple[str, Pat
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     want, bodies = heldout_case(bundle, heldout, 300)
     client = Client(url, timeout=60)
-    n = 600
-    answers, errors = hammer(lambda i: client.predict(bodies[i % len(bodies)], "image/png"), n, 8, time_limit=180)
-    assert errors == [], errors[:3]
-    idx = np.arange(n) % len(bodies)
-    assert_same(answers, want.labels[idx], want.exits[idx])
+    assert_png_load_matches(client, want, bodies, 600, 8, time_limit=180)
     # both replicas, one per node, answered part of the load
     latest: dict[int, dict[str, object]] = {}
     for _ in range(60):
