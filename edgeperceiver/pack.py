@@ -101,7 +101,8 @@ def pack_bundle(
     try:
         with open(tmp, "xb") as raw:
             with tarfile.open(fileobj=raw, mode=mode) as tar:  # type: ignore[call-overload]
-                tar.addfile(_member(f"{top}/{MANIFEST}", len(data), 0o644, b, MANIFEST), io.BytesIO(data))
+                head = _member(f"{top}/{MANIFEST}", (b.location / MANIFEST).stat(), 0o644, len(data))
+                tar.addfile(head, io.BytesIO(data))
                 for rel in sorted(manifest.files):
                     size_in += _add(tar, b, top, rel, manifest.files[rel])
             raw.flush()
@@ -125,11 +126,11 @@ def _check_out(out: Path, b: Bundle, overwrite: bool) -> None:
         raise InputError(f"{out} is inside the bundle it packs; write it elsewhere")
 
 
-def _member(name: str, size: int, mode: int, b: Bundle, rel: str) -> tarfile.TarInfo:
+def _member(name: str, st: os.stat_result, mode: int, size: int | None = None) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
-    info.size = size
+    info.size = st.st_size if size is None else size
     info.mode = mode
-    info.mtime = int(b.path(rel).stat().st_mtime)
+    info.mtime = int(st.st_mtime)
     info.uname = info.gname = ""
     return info
 
@@ -140,14 +141,14 @@ def _add(tar: tarfile.TarFile, b: Bundle, top: str, rel: str, digest: str) -> in
     mode = 0o755 if rel in _EXECUTABLE else 0o644
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
             reader = _Hashing(f)
-            tar.addfile(_member(f"{top}/{rel}", size, mode, b, rel), reader)
+            tar.addfile(_member(f"{top}/{rel}", st, mode), reader)
     except OSError as exc:
         raise BundleError(f"bundle {b.root}: cannot pack {rel} ({exc}); nothing written") from exc
     if reader.hash.hexdigest() != digest:
         raise BundleError(f"bundle {b.root}: {rel} fails its checksum (changed while packing?); nothing written")
-    return size
+    return st.st_size
 
 
 class _Hashing:
