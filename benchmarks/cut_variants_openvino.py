@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_openvino import monolithic, synthetic_images  # noqa: E402
+from bench_openvino import monolithic  # noqa: E402
 
 from edgeperceiver.bundle import Bundle, SegmentSpec  # noqa: E402
 from edgeperceiver.machine import machine_line  # noqa: E402
@@ -131,7 +131,7 @@ def bound_chain(ov: Any, core: Any, models: list[Any], specs: tuple[SegmentSpec,
     return reqs
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bundle", type=Path)
     ap.add_argument("--target", default="openvino-int8")
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
             out.append(m)
         return out
 
-    x = synthetic_images(1, shape[-1], seed=7)
+    x = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
     runner = load(args.bundle, args.target, threads=args.threads, thresholds=[None] * n)
     mono = monolithic(args.target, args.threads)(args.bundle)
     fused = core.compile_model(if_model(ov, models(), specs, man.input.name, shape), "CPU", props)
@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     print("| contender | ms | / monolithic |\n|---|---:|---:|")
     for k, v in ms.items():
         print(f"| {k} | {v:.2f} | {v / ms['monolithic']:.3f} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

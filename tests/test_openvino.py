@@ -408,18 +408,23 @@ def test_request_buffers_stay_alive_after_the_caller_drops_the_outputs(compiled:
     np.testing.assert_array_equal(slot.held[1]["e2"], want)
 
 
-def test_profile_script_reports_nodes_and_decomposes_the_cut(
-    compiled: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _benchmark_script(name: str) -> Any:
     import importlib.util
     import sys
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_openvino.py"
-    spec = importlib.util.spec_from_file_location("profile_openvino", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
-    prof = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("profile_openvino", prof)  # dataclasses look their module up
-    spec.loader.exec_module(prof)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, mod)  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_profile_script_reports_nodes_and_decomposes_the_cut(
+    compiled: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prof = _benchmark_script("profile_openvino")
     assert prof.module("/self_att3/self_att3.1/mlp/fc1/MatMul") == "self_att3"
     assert prof.module("Multiply_123") == "(unnamed)"
     argv = [str(compiled), "--target", "openvino-int8", "--threads", "1", "--runs", "3", "--rounds", "2"]
@@ -430,3 +435,20 @@ def test_profile_script_reports_nodes_and_decomposes_the_cut(
     for k in range(1, 4):  # the toy bundle has three segments
         assert f"segment {k} alone (warm)" in out and f"segment {k} inside the chain" in out
     assert "segments bound / monolithic" in out
+
+
+@pytest.mark.parametrize("key", ["openvino-fp32", "openvino-int8"])
+def test_cut_variants_script_checks_its_if_graph_and_times_every_contender(
+    compiled: Path, key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    variants = _benchmark_script("cut_variants_openvino")
+    assert variants.main([str(compiled), "--target", key, "--threads", "1", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    # the If graph leaves at the exit its thresholds ask for, with that exit's logits
+    for want in (3, 1, 2):
+        assert f"if model: exit {want} (want {want})" in out
+    diffs = [float(line.split("scale ")[1]) for line in out.splitlines() if line.startswith("if model")]
+    assert max(diffs) < (1e-4 if key == "openvino-fp32" else 0.1)
+    for row in ("monolithic", "runner", "chain", "nhwc", "if"):
+        assert f"| {row} | " in out
+    assert "CPU: " in out
