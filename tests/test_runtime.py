@@ -310,6 +310,19 @@ def test_ort_optimized_model_cache(tmp_path: Path, toy: Path, x: np.ndarray) -> 
     assert sorted(cache.glob("*.onnx")) == files
     for ea, eb in zip(a.all_exits(x), b.all_exits(x), strict=True):
         np.testing.assert_allclose(ea, eb, rtol=0, atol=1e-5)
+    assert sorted(p.name for p in cache.iterdir()) == [f.name for f in files]  # no temporary left
+
+
+def test_ort_cache_entry_cut_short_is_made_again(tmp_path: Path, toy: Path, x: np.ndarray) -> None:
+    cache = tmp_path / "cache"
+    want = load(toy, threads=1, cache_dir=cache).all_exits(x)
+    files = sorted(cache.glob("*.onnx"))
+    good = files[0].read_bytes()
+    files[0].write_bytes(good[: len(good) // 3])  # what a crash before the data reached the disk leaves
+    got = load(toy, threads=1, cache_dir=cache).all_exits(x)
+    for ea, eb in zip(want, got, strict=True):
+        np.testing.assert_allclose(ea, eb, rtol=0, atol=1e-5)
+    assert files[0].read_bytes() == good and sorted(cache.iterdir()) == files
 
 
 class _UnsafeBackend(BackendBase):

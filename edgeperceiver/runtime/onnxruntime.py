@@ -46,6 +46,7 @@ import numpy as np
 from .._optional import require
 from ..bundle import Bundle, SegmentSpec, TargetEntry
 from ..errors import InputError, TargetError
+from ..fsutil import fsync_dir, temp_name
 from .backend import BackendBase, SessionBase
 
 
@@ -164,29 +165,42 @@ class OrtBackend(BackendBase):
         return so
 
     def open(self, bundle: Bundle, entry: TargetEntry, segment: SegmentSpec) -> OrtSession:
-        """Open artifact ``entry.segments[segment.index - 1]`` of ``bundle``."""
+        """Open artifact ``entry.segments[segment.index - 1]`` of ``bundle``.
+
+        With ``cache_dir``, the graph ONNX Runtime optimized is saved there (written under a
+        unique name, fsynced, then renamed into place) and later sessions load it instead; a
+        cached file that no longer loads is deleted and made again from the bundle's file.
+        """
         rel = entry.segments[segment.index - 1]
         path = bundle.path(rel)
+        if self.config.cache_dir is None:
+            return OrtSession(self._session(path, self.session_options(), segment, rel), segment)
+        cached = self._cached_path(path, bundle.manifest.files.get(rel))
+        if cached.is_file():
+            try:
+                return OrtSession(self._session(cached, self.session_options(), segment, rel), segment)
+            except TargetError:
+                cached.unlink(missing_ok=True)  # damaged (e.g. cut short by a crash): made again below
+        cached.parent.mkdir(parents=True, exist_ok=True)
         so = self.session_options()
-        model: str = str(path)
-        if self.config.cache_dir is not None:
-            cached = self._cached_path(path, bundle.manifest.files.get(rel))
-            if cached.is_file():
-                model = str(cached)
-            else:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                # ORT writes the file itself; write to a unique name, then rename (atomic).
-                tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-                so.optimized_model_filepath = str(tmp)
+        tmp = temp_name(cached)  # ORT writes the file itself
+        so.optimized_model_filepath = str(tmp)
         try:
-            sess = self.ort.InferenceSession(model, sess_options=so, providers=list(self.config.providers))
+            sess = self._session(path, so, segment, rel)
+            if tmp.is_file():
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, cached)
+                fsync_dir(cached.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return OrtSession(sess, segment)
+
+    def _session(self, model: Path, so: Any, segment: SegmentSpec, rel: str) -> Any:
+        try:
+            return self.ort.InferenceSession(str(model), sess_options=so, providers=list(self.config.providers))
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             raise TargetError(f"ONNX Runtime cannot load segment {segment.index} ({rel}): {exc}") from exc
-        if self.config.cache_dir is not None and so.optimized_model_filepath:
-            tmp = Path(so.optimized_model_filepath)
-            if tmp.is_file():
-                os.replace(tmp, self._cached_path(path, bundle.manifest.files.get(rel)))
-        return OrtSession(sess, segment)
 
     def _cached_path(self, path: Path, digest: str | None) -> Path:
         if digest is None:  # not listed in the manifest: hash it here
