@@ -303,28 +303,8 @@ def calibrate(
         return
     if data is None:
         raise InputError("calibrate needs --data HELD_OUT (or --set to set thresholds by hand)")
-    goals = {
-        "--max-drop": max_drop is not None,
-        "--budget-ms": budget_ms is not None,
-        "--budget-gflops": budget_gflops is not None,
-        "--risk": risk is not None,
-        "--paper-mix": paper_mix is not None,
-    }
-    chosen = [k for k, v in goals.items() if v]
-    if len(chosen) > 1:
-        raise InputError(f"choose one goal, got {', '.join(chosen)}")
-    if max_drop is not None or not chosen:
-        goal: cal.Goal = cal.MaxDrop(0.5 if max_drop is None else max_drop)
-    elif budget_ms is not None:
-        goal = cal.Budget(ms=budget_ms)
-    elif budget_gflops is not None:
-        goal = cal.Budget(gflops=budget_gflops)
-    elif risk is not None:
-        goal = cal.Risk(risk, delta)
-    else:
-        mix = _floats(paper_mix, "--paper-mix")
-        assert mix is not None
-        goal = cal.PaperMix(mix)
+    goal = cal.goal_from_options(max_drop=max_drop, budget_ms=budget_ms, budget_gflops=budget_gflops, risk=risk,
+                                 delta=delta, paper_mix=_floats(paper_mix, "--paper-mix"))
     with progress_bars(enabled=not as_json) as bars, stdout_to_stderr():
         result = cal.calibrate(
             bundle, data, target=name, goal=goal, criterion=criterion, exits=_ints(exits, "--exits"), seed=seed,

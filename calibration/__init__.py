@@ -16,7 +16,7 @@ from edgeperceiver.progress import TextProgress
 
 from .calibrate import CalibrationResult, ManualThresholds, calibrate, choose, set_thresholds
 from .collect import ExitRecord, collect
-from .goals import Budget, ExitCosts, Goal, MaxDrop, PaperMix, Risk, exit_costs
+from .goals import Budget, ExitCosts, Goal, MaxDrop, PaperMix, Risk, exit_costs, goal_from_options
 from .policies import OperatingPoint, evaluate
 from .risk import Bound, RiskLoss
 
@@ -40,6 +40,7 @@ __all__ = [
     "collect",
     "evaluate",
     "exit_costs",
+    "goal_from_options",
     "load_dataset",
     "set_thresholds",
     "split_fit_check",

@@ -106,6 +106,34 @@ class PaperMix:
 Goal = MaxDrop | Budget | Risk | PaperMix
 
 
+def goal_from_options(
+    *,
+    max_drop: float | None = None,
+    budget_ms: float | None = None,
+    budget_gflops: float | None = None,
+    risk: float | None = None,
+    delta: float = 0.1,
+    paper_mix: tuple[float, ...] | None = None,
+) -> Goal:
+    """The one goal the command-line options ask for (none: at most 0.5 points of accuracy lost)."""
+    given = {
+        "--max-drop": max_drop, "--budget-ms": budget_ms, "--budget-gflops": budget_gflops, "--risk": risk,
+        "--paper-mix": paper_mix,
+    }  # fmt: skip
+    chosen = [k for k, v in given.items() if v is not None]
+    if len(chosen) > 1:
+        raise InputError(f"choose one goal, got {', '.join(chosen)}")
+    if budget_ms is not None:
+        return Budget(ms=budget_ms)
+    if budget_gflops is not None:
+        return Budget(gflops=budget_gflops)
+    if risk is not None:
+        return Risk(risk, delta)
+    if paper_mix is not None:
+        return PaperMix(paper_mix)
+    return MaxDrop(0.5 if max_drop is None else max_drop)
+
+
 @dataclass(frozen=True)
 class ExitCosts:
     """Cumulative cost to reach each exit, in ``unit`` (``ms``, ``GFLOPs`` or ``segments``)."""

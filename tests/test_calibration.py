@@ -131,6 +131,17 @@ def test_goals_and_their_errors(toy: tuple[Path, Path, np.ndarray], tmp_path: Pa
         cal.calibrate(bundle, tmp_path / "badlabels.npz")
 
 
+def test_one_goal_from_the_command_line_options() -> None:
+    assert cal.goal_from_options() == cal.MaxDrop(0.5)
+    assert cal.goal_from_options(max_drop=1.0) == cal.MaxDrop(1.0)
+    assert cal.goal_from_options(budget_ms=2.0) == cal.Budget(ms=2.0)
+    assert cal.goal_from_options(budget_gflops=0.5) == cal.Budget(gflops=0.5)
+    assert cal.goal_from_options(risk=0.1, delta=0.05) == cal.Risk(0.1, 0.05)
+    assert cal.goal_from_options(paper_mix=(0.5, 0.5)) == cal.PaperMix((0.5, 0.5))
+    with pytest.raises(InputError, match="choose one goal, got --max-drop, --risk"):
+        cal.goal_from_options(max_drop=0.0, risk=0.1)
+
+
 def test_set_thresholds_by_hand(toy: tuple[Path, Path, np.ndarray]) -> None:
     bundle, _, x = toy
     manual = cal.set_thresholds(bundle, "0.6,off,0", criterion="margin")
