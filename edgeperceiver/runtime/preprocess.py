@@ -1,4 +1,4 @@
-"""Image files and arrays -> model input, as the bundle's :class:`Preprocess` says.
+"""Image files and arrays -> model input, as the bundle's :class:`Preprocess` says; arrays checked.
 
 Decoding uses Pillow, imported lazily: a bundle fed ``.npy``/``.npz`` arrays runs without
 it. The pipeline is the usual ImageNet evaluation transform: resize the shorter side to
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import Preprocess
+from ..bundle import BATCH, Preprocess, TensorSpec
 from ..errors import InputError, MissingDependencyError
 
 #: file suffixes treated as images when a directory is expanded
@@ -247,3 +247,56 @@ def _batch(names: list[str], rows: list[np.ndarray]) -> InputBatch:
         detail = ", ".join(f"{n}: {r.shape}" for n, r in zip(names, rows, strict=True))
         raise InputError(f"inputs have different shapes ({detail})")
     return InputBatch(tuple(names), np.stack(rows))
+
+
+def check_batch(spec: TensorSpec, x: Any, names: Sequence[str] | None = None) -> np.ndarray:
+    """Validate ``x`` against the model input ``spec`` and return it as contiguous (N, C, H, W).
+
+    A (C, H, W) array is one sample. Float arrays of any width are cast to the model
+    dtype; anything else, a wrong shape or channel count, NaN or inf is an
+    :class:`InputError` naming the offending input (``names[i]`` when given).
+    """
+    if not isinstance(x, np.ndarray):
+        raise InputError(f"expected a numpy array, got {type(x).__name__}")
+    if x.ndim == len(spec.shape) - 1:
+        x = x[None]
+    what = _describe(names)
+    if x.ndim != len(spec.shape):
+        raise InputError(
+            f"{what}: expected shape {_shape_str(spec.shape)} (or one sample without the batch axis), "
+            f"got {x.shape}"
+        )
+    if not np.issubdtype(x.dtype, np.floating):
+        raise InputError(f"{what}: expected floating-point data (preprocessed images), got dtype {x.dtype}")
+    for axis, (got, want) in enumerate(zip(x.shape[1:], spec.shape[1:], strict=True), start=1):
+        if isinstance(want, int) and got != want:
+            if axis == 1:
+                raise InputError(
+                    f"{what}: has {got} channel(s), the model expects {want} (shape {_shape_str(spec.shape)}, "
+                    f"got {x.shape})"
+                )
+            raise InputError(f"{what}: expected shape {_shape_str(spec.shape)}, got {x.shape}")
+    x = np.ascontiguousarray(x, dtype=np.dtype(spec.dtype))
+    # fast path over the whole array; the per-sample reduction only to name the culprits
+    if x.size and not np.isfinite(x).all():
+        finite = np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)
+    else:
+        finite = np.ones(x.shape[0], bool)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        label = [names[i] for i in bad[:5]] if names is not None else [f"sample {i}" for i in bad[:5]]
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise InputError(f"NaN or inf in {', '.join(label)}{more}")
+    return x
+
+
+def _describe(names: Sequence[str] | None) -> str:
+    if not names:
+        return "input"
+    if len(names) == 1:
+        return f"input {names[0]!r}"
+    return f"inputs {names[0]!r}..{names[-1]!r}"
+
+
+def _shape_str(shape: Sequence[int | str]) -> str:
+    return "(" + ", ".join("N" if d == BATCH else str(d) for d in shape) + ")"

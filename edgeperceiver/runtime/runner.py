@@ -22,14 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import BATCH, Bundle, Manifest, SegmentSpec, TargetEntry, Thresholds
+from ..bundle import Bundle, Manifest, SegmentSpec, TargetEntry, Thresholds
 from ..errors import BundleError, InputError
 from ..types import Criterion, TargetName
 from .backend import Backend, Chain, Session
 from .backends import create_backend
 from .criteria import ThresholdsLike, criterion_of, evaluate, resolve_thresholds
 from .entries import NoThresholdsWarning, choose_entry
-from .preprocess import iter_input_batches
+from .preprocess import check_batch, iter_input_batches
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -167,45 +167,8 @@ class Runner:
 
     # ------------------------------------------------------------------ inputs
     def check_input(self, x: Any, names: Sequence[str] | None = None) -> np.ndarray:
-        """Validate ``x`` against the bundle's input and return it as contiguous (N, C, H, W).
-
-        A (C, H, W) array is one sample. Float arrays of any width are cast to the model
-        dtype; anything else, a wrong shape or channel count, NaN or inf is an
-        :class:`InputError` naming the offending input (``names[i]`` when given).
-        """
-        spec = self.manifest.input
-        if not isinstance(x, np.ndarray):
-            raise InputError(f"expected a numpy array, got {type(x).__name__}")
-        if x.ndim == len(spec.shape) - 1:
-            x = x[None]
-        what = _describe(names)
-        if x.ndim != len(spec.shape):
-            raise InputError(
-                f"{what}: expected shape {_shape_str(spec.shape)} (or one sample without the batch axis), "
-                f"got {x.shape}"
-            )
-        if not np.issubdtype(x.dtype, np.floating):
-            raise InputError(f"{what}: expected floating-point data (preprocessed images), got dtype {x.dtype}")
-        for axis, (got, want) in enumerate(zip(x.shape[1:], spec.shape[1:], strict=True), start=1):
-            if isinstance(want, int) and got != want:
-                if axis == 1:
-                    raise InputError(
-                        f"{what}: has {got} channel(s), the model expects {want} (shape {_shape_str(spec.shape)}, "
-                        f"got {x.shape})"
-                    )
-                raise InputError(f"{what}: expected shape {_shape_str(spec.shape)}, got {x.shape}")
-        x = np.ascontiguousarray(x, dtype=np.dtype(spec.dtype))
-        # fast path over the whole array; the per-sample reduction only to name the culprits
-        if x.size and not np.isfinite(x).all():
-            finite = np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)
-        else:
-            finite = np.ones(x.shape[0], bool)
-        if not finite.all():
-            bad = np.flatnonzero(~finite)
-            label = [names[i] for i in bad[:5]] if names is not None else [f"sample {i}" for i in bad[:5]]
-            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-            raise InputError(f"NaN or inf in {', '.join(label)}{more}")
-        return x
+        """``x`` checked against the bundle's input, as contiguous (N, C, H, W) (see :func:`check_batch`)."""
+        return check_batch(self.manifest.input, x, names)
 
     # ------------------------------------------------------------------ running
     def run_segment(self, k: int, feeds: Mapping[str, Any]) -> dict[str, Any]:
@@ -392,18 +355,6 @@ class Runner:
                 live = {name: self.backend.take(v, rows) for name, v in live.items()}
                 active = active[rows]
         return Prediction(labels, exits, conf, score)
-
-
-def _describe(names: Sequence[str] | None) -> str:
-    if not names:
-        return "input"
-    if len(names) == 1:
-        return f"input {names[0]!r}"
-    return f"inputs {names[0]!r}..{names[-1]!r}"
-
-
-def _shape_str(shape: Sequence[int | str]) -> str:
-    return "(" + ", ".join("N" if d == BATCH else str(d) for d in shape) + ")"
 
 
 def load(
