@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """OpenVINO per precision: the Runner at never-exit against the monolithic model, and ``auto``.
 
-    .venv/bin/python benchmarks/bench_precisions.py [--bundle DIR | --demo] [--threads 2]
-                                                    [--rounds 8] [--block 5] [--calib 128] [--json OUT]
+    .venv/bin/python benchmarks/bench_precisions.py [--bundle DIR | --demo | --digits-checkpoint CKPT]
+                                                    [--threads 2] [--rounds 8] [--block 5] [--calib 128]
+                                                    [--json OUT]
 
 Takes a bundle (``--bundle``; default: ``reg800m_perceiver_t128`` exported from the golden
-checkpoint, INT8/auto calibrated on synthetic images) or the demo model (``--demo``: the
-shipped digits checkpoint, calibrated on 300 training digits), compiles the OpenVINO entries
+checkpoint, INT8/auto calibrated on synthetic images), the demo model (``--demo``: the
+shipped digits checkpoint) or a checkpoint ``scripts/train_digits.py`` trained on the digits
+(``--digits-checkpoint``, e.g. reg800m at 224x224; exported to ``--bundle`` if given). Digits
+models are calibrated on 300 training digits, and every entry's per-exit accuracy on the
+held-out digits is printed against fp32's (the 0.5-point gate). Compiles the OpenVINO entries
 fp32, bf16 (where the CPU has it), int8 and auto that are missing, then times at batch 1, all
 contenders interleaved in blocks with medians (:mod:`edgeperceiver.timing`):
 
@@ -75,20 +79,37 @@ def compile_missing(bundle: Path, calib: np.ndarray, threads: int) -> list[str]:
     return [p.value for p in precisions if p is not Precision.AUTO]
 
 
-def demo_bundle(dest: Path, threads: int) -> tuple[Path, np.ndarray]:
+def digits_bundle(dest: Path, checkpoint: Path, threads: int) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray]:
+    """``checkpoint`` (trained on the digits) exported to ``dest`` unless there; 300 training
+    digits for calibration, then the held-out digits and their labels, at its input size."""
     from edgeperceiver.datasets.digits import load_digits_split, to_model_input
     from edgeperceiver.export import export_checkpoint
-    from edgeperceiver.models import demo_checkpoint
 
     if not (dest / "manifest.json").is_file():
-        export_checkpoint(demo_checkpoint(), dest, threads=threads)
-    return dest, to_model_input(load_digits_split(32).x_train)[:300]
+        export_checkpoint(checkpoint, dest, threads=threads)
+    data = load_digits_split(int(Bundle.open(dest).manifest.input.shape[-1]))
+    return dest, to_model_input(data.x_train[:300]), to_model_input(data.x_heldout), data.y_heldout
+
+
+def accuracy_table(bundle: Path, keys: Sequence[str], x: np.ndarray, y: np.ndarray, threads: int) -> float:
+    """Print each entry's held-out top-1 accuracy per exit; the largest drop below fp32, in points."""
+    acc = {k: [float(np.mean(e.argmax(1) == y)) * 100 for e in load(bundle, k, threads=threads).all_exits(x)]
+           for k in keys}
+    n = len(acc[keys[0]])
+    print(f"held-out top-1 accuracy, {len(y)} digits (%)")
+    print("| entry | " + " | ".join(f"exit {i}" for i in range(1, n + 1)) + " |\n|---|" + "---:|" * n)
+    for k, row in acc.items():
+        print(f"| {k} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+    ref = acc["openvino-fp32"]
+    return max(r - v for k, row in acc.items() for r, v in zip(ref, row, strict=True))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--bundle", type=Path, default=None, help="a bundle (compiled in place where entries are missing)")
     p.add_argument("--demo", action="store_true", help="the shipped demo model instead of reg800m")
+    p.add_argument("--digits-checkpoint", type=Path, default=None,
+                   help="a checkpoint scripts/train_digits.py wrote, instead of reg800m's untrained weights")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--block", type=int, default=5)
@@ -102,9 +123,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     import openvino as ov
 
     with tempfile.TemporaryDirectory(prefix="ep-bench-prec-") as tmp:
-        if args.demo:
-            bundle, calib = demo_bundle(args.bundle or Path(tmp) / "demo", args.threads)
-            name = "demo (digits, 32x32)"
+        heldout: tuple[np.ndarray, np.ndarray] | None = None
+        if args.demo or args.digits_checkpoint is not None:
+            from edgeperceiver.models import demo_checkpoint
+
+            ckpt = demo_checkpoint() if args.demo else args.digits_checkpoint
+            bundle, calib, *held = digits_bundle(args.bundle or Path(tmp) / "digits", ckpt, args.threads)
+            heldout = (held[0], held[1])
+            size = int(calib.shape[-1])
+            name = f"{Bundle.open(bundle).manifest.model_name} trained on the digits, {size}x{size}"
         else:
             bundle = args.bundle or export_reg800m(Path(tmp) / "bundle", args.threads)
             calib = synthetic_images(args.calib, seed=1)
@@ -112,21 +139,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         singles = compile_missing(bundle, calib, args.threads)
         manifest = Bundle.open(bundle).manifest
         x = np.ascontiguousarray(synthetic_images(1, size=int(manifest.input.shape[-1]), seed=7)
-                                 if not args.demo else calib[:1])
+                                 if heldout is None else heldout[0][:1])
         rows: dict[str, RunFn] = {}
         for prec in singles:
             rows[f"{prec} monolithic"] = monolithic(f"openvino-{prec}", args.threads)(bundle)
             rows[f"{prec} Runner never-exit"] = never_exit(bundle, f"openvino-{prec}", args.threads)
         rows["auto Runner never-exit"] = never_exit(bundle, "openvino-auto", args.threads)
         if not args.demo and not args.no_eager and args.clock == "wall":  # eager runs in its own process
-            ckpt = GOLDEN / f"{MODEL}.fp16.pth"
-            rows["PyTorch eager fp32"] = pytorch_eager(args.threads, ckpt if ckpt.is_file() else None, 1)(bundle)
+            eager = args.digits_checkpoint or GOLDEN / f"{MODEL}.fp16.pth"
+            rows["PyTorch eager fp32"] = pytorch_eager(args.threads, eager if eager.is_file() else None, 1)(bundle)
         jobs = {n: (lambda f=f: f(x)) for n, f in rows.items()}
         print(f"timing {len(jobs)} contenders, {args.rounds} rounds x {args.block} calls ...", file=sys.stderr)
         times = interleaved(jobs, repeats=args.rounds * args.block, block=args.block, settle=1, min_seconds=1.0,
                             clock=args.clock)
         med = {n: statistics.median(t) * 1e3 for n, t in times.items()}
         auto = manifest.target("openvino-auto").metadata.get("auto", {})
+        drop = None
+        if heldout is not None:
+            keys = [f"openvino-{q}" for q in (*singles, "auto")]
+            drop = accuracy_table(bundle, keys, *heldout, threads=args.threads)
         if args.bundle is None and args.json is not None:
             shutil.copytree(bundle, args.json.with_suffix(".bundle"), dirs_exist_ok=True)
     print(f"{name}, batch 1, {args.threads} threads, {args.clock} clock; CPU {cpu_model()}; "
@@ -136,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for n, v in med.items():
         print(f"| {n} | {v:.2f} |")
     summary: dict[str, Any] = {"auto_per_segment": auto.get("per_segment")}
+    if drop is not None:
+        summary["largest_drop_below_fp32_points"] = drop
     for prec in singles:
         summary[f"runner_vs_monolithic_{prec}"] = med[f"{prec} Runner never-exit"] / med[f"{prec} monolithic"]
     best = min(singles, key=lambda q: med[f"{q} Runner never-exit"])
