@@ -31,6 +31,37 @@ class Choice:
     metadata: dict[str, Any]
 
 
+@dataclass
+class Measured:
+    """Every candidate's chain, median ms per segment (one loop), per-exit top-1 agreement and
+    margin change against FP32, and FP32's logits on the calibration images."""
+
+    chains: dict[str, Chain]
+    seg_ms: dict[str, tuple[float, ...]]
+    agree: dict[str, list[float]]
+    margin_change: dict[str, list[float]]
+    ref: list[np.ndarray]
+
+
+def margin_change(ref: np.ndarray, got: np.ndarray) -> float:
+    """Mean relative change of FP32's top-1 margin (its class's logit over the runner-up's).
+
+    0 where ``got`` equals ``ref``; 1 where the margin vanished (or doubled) on average. It sees
+    what top-1 agreement on confidently classified images does not: how close a candidate
+    brings each image to a flip.
+    """
+    rows = np.arange(ref.shape[0])
+    top = ref.argmax(1)
+
+    def margin(z: np.ndarray) -> np.ndarray:
+        other = z.astype(np.float64, copy=True)
+        other[rows, top] = -np.inf
+        return z[rows, top] - other.max(1)
+
+    m = margin(ref)
+    return float(np.mean(np.abs(m - margin(got)) / np.maximum(np.abs(m), 1e-6)))
+
+
 def measure(
     backend: OpenVINOBackend,
     manifest: Manifest,
@@ -39,19 +70,20 @@ def measure(
     images: np.ndarray,
     *,
     runs: int,
-) -> tuple[dict[str, Chain], dict[str, tuple[float, ...]], dict[str, list[float]], list[np.ndarray]]:
-    """Every candidate's chain, its median ms per segment (one loop), its per-exit agreement, and
-    FP32's logits on ``images``."""
+) -> Measured:
+    """Build, check and time every candidate (see :class:`Measured`)."""
     ref = fp32.exits(images)
     chains: dict[str, Chain] = {}
     agree: dict[str, list[float]] = {}
+    change: dict[str, list[float]] = {}
     for name, cand in candidates.items():
         chains[name] = fp32 if cand is fp32.candidate else Chain(backend, manifest, cand)
         got = ref if chains[name] is fp32 else chains[name].exits(images)
         agree[name] = [float(np.mean(r.argmax(1) == g.argmax(1))) for r, g in zip(ref, got, strict=True)]
+        change[name] = [margin_change(r, g) for r, g in zip(ref, got, strict=True)]
     x = np.random.default_rng(0).standard_normal((1, *manifest.input.shape[1:])).astype(np.float32)  # type: ignore[arg-type]
     seg_ms, _ = time_chains(chains, x, runs=runs)
-    return chains, seg_ms, agree, ref
+    return Measured(chains, seg_ms, agree, change, ref)
 
 
 def choose_uniform(
@@ -67,7 +99,8 @@ def choose_uniform(
     log: Callable[[str], None],
 ) -> Choice:
     """The fastest whole chain among ``candidates`` within the gate at every exit."""
-    chains, seg_ms, agree, _ = measure(backend, manifest, fp32, candidates, images, runs=runs)
+    got = measure(backend, manifest, fp32, candidates, images, runs=runs)
+    chains, seg_ms, agree = got.chains, got.seg_ms, got.agree
     name = select.fastest_passing(seg_ms, agree, gate_points=gate_points, fallback=fallback)
     _log_table(log, seg_ms, agree, gate_points, images.shape[0])
     log(f"  chosen: {name}")
@@ -86,20 +119,22 @@ def choose_per_segment(
     gate_points: float = select.GATE_POINTS,
     log: Callable[[str], None],
 ) -> Choice:
-    """Per segment the fastest candidate within the gate; the mixed chain is checked again on
-    every exit, and the fastest uniform chain within the gate replaces it if it fails."""
-    chains, seg_ms, agree, ref = measure(backend, manifest, fp32, candidates, images, runs=runs)
+    """Per segment the fastest candidate within the gate (of those tied on time, the one that
+    changes FP32's margins least); the mixed chain is checked again on every exit, and the
+    fastest uniform chain within the gate replaces it if it fails."""
+    got = measure(backend, manifest, fp32, candidates, images, runs=runs)
+    chains, seg_ms, agree, ref = got.chains, got.seg_ms, got.agree, got.ref
     _log_table(log, seg_ms, agree, gate_points, images.shape[0])
-    picks = select.per_segment(seg_ms, agree, gate_points=gate_points, fallback="fp32")
-    meta: dict[str, Any] = {**select.describe(seg_ms, agree, gate_points), "images": int(images.shape[0]),
-                            "per_segment": picks}
+    picks = select.per_segment(seg_ms, agree, gate_points=gate_points, fallback="fp32",
+                               margin_change=got.margin_change)
+    meta: dict[str, Any] = {**select.describe(seg_ms, agree, gate_points, got.margin_change),
+                            "images": int(images.shape[0]), "per_segment": picks}
     if len(set(picks)) == 1:
         chosen, chain = candidates[picks[0]], chains[picks[0]]
     else:
         chosen = fp32.candidate.pick("auto", candidates, picks)
         chain = Chain(backend, manifest, chosen)
-        got = chain.exits(images)
-        mixed = [float(np.mean(r.argmax(1) == g.argmax(1))) for r, g in zip(ref, got, strict=True)]
+        mixed = [float(np.mean(r.argmax(1) == g.argmax(1))) for r, g in zip(ref, chain.exits(images), strict=True)]
         meta["mixed_top1_agreement"] = [round(a, 4) for a in mixed]
         if not all(select.passes(mixed, gate_points)):
             name = select.fastest_passing(seg_ms, agree, gate_points=gate_points, fallback="fp32")

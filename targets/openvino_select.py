@@ -12,6 +12,9 @@ from typing import Any
 
 #: the accuracy gate, in points of top-1 agreement with FP32 (the demo's INT8 promise)
 GATE_POINTS = 0.5
+#: segment times within this fraction of the fastest count as equal: the interleaved loop's
+#: run-to-run spread on a shared 2-core machine; among them the most accurate candidate wins
+TIE_TOLERANCE = 0.05
 
 
 def passes(agreement: Sequence[float], gate_points: float = GATE_POINTS) -> list[bool]:
@@ -51,27 +54,40 @@ def per_segment(
     *,
     gate_points: float = GATE_POINTS,
     fallback: str,
+    margin_change: Mapping[str, Sequence[float]] | None = None,
+    tolerance: float = TIE_TOLERANCE,
 ) -> list[str]:
     """Per segment, the fastest candidate that is within the gate at that segment's exit.
 
     Candidate ``c`` at segment ``k`` is judged by its own chain's agreement at exit ``k``
     (segments 1..k all in ``c``); the mixed chain is checked again after the choice (see
-    :func:`edgeperceiver.targets.openvino_auto.compile_auto`). ``fallback`` (FP32, always
-    within the gate) is taken where no candidate passes.
+    :func:`edgeperceiver.targets.openvino_auto.choose_per_segment`). ``fallback`` (FP32, always
+    within the gate) is taken where no candidate passes. Candidates within ``tolerance`` of the
+    fastest time are a tie, broken by the smallest ``margin_change`` at exit ``k``: top-1
+    agreement on calibration images (which the model usually classifies with wide margins)
+    cannot tell a candidate that erodes FP32's margins five times more from one that does not,
+    and such erosion is what flips held-out images.
     """
     count = len(next(iter(segment_ms.values())))
     choice = []
     for k in range(count):
         ok = [n for n in segment_ms if passes(agreement.get(n, [1.0] * count), gate_points)[k]]
-        choice.append(min(ok, key=lambda n: segment_ms[n][k]) if ok else fallback)
+        if not ok:
+            choice.append(fallback)
+            continue
+        best = min(segment_ms[n][k] for n in ok)
+        near = [n for n in ok if segment_ms[n][k] <= best * (1.0 + tolerance)]
+        change = margin_change or {}
+        choice.append(min(near, key=lambda n: (change.get(n, [0.0] * count)[k], segment_ms[n][k])))
     return choice
 
 
 def describe(
-    segment_ms: Mapping[str, Sequence[float]], agreement: Mapping[str, Sequence[float]], gate_points: float
+    segment_ms: Mapping[str, Sequence[float]], agreement: Mapping[str, Sequence[float]], gate_points: float,
+    margin_change: Mapping[str, Sequence[float]] | None = None,
 ) -> dict[str, Any]:
     """The numbers a choice was made on, for the entry's metadata."""
-    return {
+    out: dict[str, Any] = {
         "gate_points": gate_points,
         "candidates": {
             n: {"segment_ms": [round(v, 3) for v in segment_ms[n]],
@@ -80,3 +96,8 @@ def describe(
             for n in segment_ms
         },
     }
+    for n, change in (margin_change or {}).items():
+        out["candidates"][n]["margin_change"] = [round(c, 4) for c in change]
+    if margin_change:
+        out["tie_tolerance"] = TIE_TOLERANCE
+    return out

@@ -48,6 +48,28 @@ def test_fastest_candidate_outside_the_gate_is_never_chosen() -> None:
     assert fastest_passing(ms, agree, fallback="int8") == "int8"
 
 
+def test_times_within_the_tolerance_are_a_tie_won_by_the_smaller_margin_change() -> None:
+    ms = {"fp32": [2.0, 1.0], "bf16": [1.03, 0.60], "int8": [1.0, 0.50]}
+    agree = {n: [1.0, 1.0] for n in ms}
+    change = {"fp32": [0.0, 0.0], "bf16": [0.01, 0.01], "int8": [0.04, 0.40]}
+    # segment 1: bf16 is 3% slower than int8 (a tie) and changes the margins less; segment 2:
+    # int8 is 17% faster, which the tie tolerance does not cover
+    assert per_segment(ms, agree, fallback="fp32", margin_change=change) == ["bf16", "int8"]
+    assert per_segment(ms, agree, fallback="fp32", margin_change=change, tolerance=0.0) == ["int8", "int8"]
+    assert per_segment(ms, agree, fallback="fp32", margin_change=change, tolerance=0.25) == ["bf16", "bf16"]
+
+
+def test_margin_change_sees_what_top1_agreement_does_not() -> None:
+    from edgeperceiver.targets.openvino_auto import margin_change
+
+    ref = np.array([[4.0, 1.0, 0.0], [0.0, 2.0, 1.0]], np.float32)  # margins 3 and 1
+    assert margin_change(ref, ref) == 0.0
+    eroded = np.array([[2.5, 1.0, 0.0], [0.0, 1.5, 1.0]], np.float32)  # same top-1, margins 1.5 and 0.5
+    assert margin_change(ref, eroded) == pytest.approx(0.5)
+    flipped = np.array([[1.0, 2.0, 0.0], [0.0, 2.0, 1.0]], np.float32)  # sample 0 now prefers class 1
+    assert margin_change(ref, flipped) == pytest.approx((4.0 / 3.0 + 0.0) / 2)
+
+
 # ----------------------------------------------------------------------------- on OpenVINO
 
 
@@ -71,11 +93,16 @@ def test_auto_records_per_segment_precisions_and_the_timings_that_chose_them(aut
     hint = {"fp32": "f32", "bf16": "bf16", "int8": "f32", "int8+bf16": "bf16"}
     assert meta["segment_precisions"] == [precision[p] for p in picks]
     assert meta["segment_inference_precision"] == [hint[p] for p in picks]
+    tol = meta["auto"]["tie_tolerance"]
     for k, pick in enumerate(picks):
         assert cands[pick]["within_gate"][k]
-        # the fastest within the gate at that segment: never slower there than FP32
+        # within the tolerance of the fastest within the gate at that segment, and of those the
+        # one that changes FP32's margins least: never slower there than FP32
         ok = [n for n, c in cands.items() if c["within_gate"][k]]
-        assert cands[pick]["segment_ms"][k] == min(cands[n]["segment_ms"][k] for n in ok)
+        best = min(cands[n]["segment_ms"][k] for n in ok)
+        assert cands[pick]["segment_ms"][k] <= best * (1 + tol) + 1e-3  # metadata rounds to us
+        surely_near = [n for n in ok if cands[n]["segment_ms"][k] <= best * (1 + tol) - 1e-3]
+        assert all(cands[pick]["margin_change"][k] <= cands[n]["margin_change"][k] for n in surely_near)
         assert cands[pick]["segment_ms"][k] <= cands["fp32"]["segment_ms"][k]
     if set(picks) == {"fp32"}:  # FP32 everywhere: nothing to compare
         assert "agreement" not in meta
