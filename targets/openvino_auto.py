@@ -98,13 +98,16 @@ def choose_uniform(
     gate_points: float = select.GATE_POINTS,
     log: Callable[[str], None],
 ) -> Choice:
-    """The fastest whole chain among ``candidates`` within the gate at every exit."""
+    """The fastest whole chain among ``candidates`` within the gate at every exit (ties: see
+    :func:`~targets.openvino_select.fastest`)."""
     got = measure(backend, manifest, fp32, candidates, images, runs=runs)
     chains, seg_ms, agree = got.chains, got.seg_ms, got.agree
-    name = select.fastest_passing(seg_ms, agree, gate_points=gate_points, fallback=fallback)
+    name = select.fastest_passing(seg_ms, agree, gate_points=gate_points, fallback=fallback,
+                                  margin_change=got.margin_change)
     _log_table(log, seg_ms, agree, gate_points, images.shape[0])
     log(f"  chosen: {name}")
-    meta = {**select.describe(seg_ms, agree, gate_points), "images": int(images.shape[0]), "chosen": name}
+    meta = {**select.describe(seg_ms, agree, gate_points, got.margin_change), "images": int(images.shape[0]),
+            "chosen": name}
     return Choice(candidates[name], chains[name], meta)
 
 
@@ -137,7 +140,8 @@ def choose_per_segment(
         mixed = [float(np.mean(r.argmax(1) == g.argmax(1))) for r, g in zip(ref, chain.exits(images), strict=True)]
         meta["mixed_top1_agreement"] = [round(a, 4) for a in mixed]
         if not all(select.passes(mixed, gate_points)):
-            name = select.fastest_passing(seg_ms, agree, gate_points=gate_points, fallback="fp32")
+            name = select.fastest_passing(seg_ms, agree, gate_points=gate_points, fallback="fp32",
+                                          margin_change=got.margin_change)
             log(f"  the mixed chain {picks} leaves the gate ({mixed}); taking {name} for every segment")
             picks = [name] * len(picks)
             chosen, chain = candidates[name], chains[name]

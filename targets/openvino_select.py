@@ -23,14 +23,30 @@ def passes(agreement: Sequence[float], gate_points: float = GATE_POINTS) -> list
     return [a >= floor - 1e-12 for a in agreement]
 
 
+def fastest(ms: Mapping[str, float], change: Mapping[str, float], tolerance: float = TIE_TOLERANCE) -> str:
+    """The fastest name in ``ms``; names within ``tolerance`` of its time are a tie, won by the
+    smallest ``change`` (margin change against FP32; 0 where not given), then by time.
+
+    Top-1 agreement on calibration images (which the model usually classifies with wide
+    margins) cannot tell a candidate that erodes FP32's margins five times more from one that
+    does not, and such erosion is what flips held-out images.
+    """
+    best = min(ms.values())
+    near = [n for n, t in ms.items() if t <= best * (1.0 + tolerance)]
+    return min(near, key=lambda n: (change.get(n, 0.0), ms[n]))
+
+
 def fastest_passing(
     segment_ms: Mapping[str, Sequence[float]],
     agreement: Mapping[str, Sequence[float]],
     *,
     gate_points: float = GATE_POINTS,
     fallback: str,
+    margin_change: Mapping[str, Sequence[float]] | None = None,
+    tolerance: float = TIE_TOLERANCE,
 ) -> str:
-    """The candidate whose whole chain is fastest among those within the gate at every exit.
+    """The candidate whose whole chain is fastest among those within the gate at every exit
+    (a tie within ``tolerance`` goes to the smallest largest ``margin_change``; see :func:`fastest`).
 
     Where none is (a build that cannot match FP32 at all, e.g. untrained weights), the gate
     is taken relative to ``fallback``: the fastest candidate that agrees with FP32 at every
@@ -45,7 +61,8 @@ def fastest_passing(
         ok = [n for n in segment_ms if n in agreement and all(a >= f for a, f in zip(agreement[n], floor, strict=True))]
         if fallback not in ok:
             ok.append(fallback)
-    return min(ok, key=lambda n: sum(segment_ms[n]))
+    change = {n: max(c, default=0.0) for n, c in (margin_change or {}).items()}
+    return fastest({n: sum(segment_ms[n]) for n in ok}, change, tolerance)
 
 
 def per_segment(
@@ -57,28 +74,21 @@ def per_segment(
     margin_change: Mapping[str, Sequence[float]] | None = None,
     tolerance: float = TIE_TOLERANCE,
 ) -> list[str]:
-    """Per segment, the fastest candidate that is within the gate at that segment's exit.
+    """Per segment, the fastest candidate that is within the gate at that segment's exit (a tie
+    within ``tolerance`` goes to the smallest ``margin_change`` at that exit; see :func:`fastest`).
 
     Candidate ``c`` at segment ``k`` is judged by its own chain's agreement at exit ``k``
     (segments 1..k all in ``c``); the mixed chain is checked again after the choice (see
     :func:`edgeperceiver.targets.openvino_auto.choose_per_segment`). ``fallback`` (FP32, always
-    within the gate) is taken where no candidate passes. Candidates within ``tolerance`` of the
-    fastest time are a tie, broken by the smallest ``margin_change`` at exit ``k``: top-1
-    agreement on calibration images (which the model usually classifies with wide margins)
-    cannot tell a candidate that erodes FP32's margins five times more from one that does not,
-    and such erosion is what flips held-out images.
+    within the gate) is taken where no candidate passes.
     """
     count = len(next(iter(segment_ms.values())))
+    change = margin_change or {}
     choice = []
     for k in range(count):
         ok = [n for n in segment_ms if passes(agreement.get(n, [1.0] * count), gate_points)[k]]
-        if not ok:
-            choice.append(fallback)
-            continue
-        best = min(segment_ms[n][k] for n in ok)
-        near = [n for n in ok if segment_ms[n][k] <= best * (1.0 + tolerance)]
-        change = margin_change or {}
-        choice.append(min(near, key=lambda n: (change.get(n, [0.0] * count)[k], segment_ms[n][k])))
+        choice.append(fastest({n: segment_ms[n][k] for n in ok}, {n: change[n][k] for n in ok if n in change},
+                              tolerance) if ok else fallback)
     return choice
 
 

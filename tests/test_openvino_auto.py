@@ -57,6 +57,9 @@ def test_times_within_the_tolerance_are_a_tie_won_by_the_smaller_margin_change()
     assert per_segment(ms, agree, fallback="fp32", margin_change=change) == ["bf16", "int8"]
     assert per_segment(ms, agree, fallback="fp32", margin_change=change, tolerance=0.0) == ["int8", "int8"]
     assert per_segment(ms, agree, fallback="fp32", margin_change=change, tolerance=0.25) == ["bf16", "bf16"]
+    # whole chains: int8 1.50 ms, bf16 1.63 ms (8.7% slower); a tie at 10%, won by the smaller worst change
+    assert fastest_passing(ms, agree, fallback="fp32", margin_change=change) == "int8"
+    assert fastest_passing(ms, agree, fallback="fp32", margin_change=change, tolerance=0.1) == "bf16"
 
 
 def test_margin_change_sees_what_top1_agreement_does_not() -> None:
