@@ -60,7 +60,7 @@ from .openvino_chains import Candidate, Chain, bf16_carried, shipped_models
 from .openvino_ir import Log, check_interface, cpu_name, has_bf16, read_fp32, save_ir
 from .openvino_quantize import qdq_models, segment_quantize
 from .openvino_report import report as _report
-from .openvino_select import GATE_POINTS
+from .openvino_select import GATE_POINTS, MAX_MARGIN_CHANGE
 
 __all__ = [
     "OpenVINOOptions", "carry_bf16", "compile_target", "fold_norm_affine", "fuse_projections",
@@ -86,6 +86,8 @@ class OpenVINOOptions:
     #: on the calibration images; half the 0.5-point promise, as for the INT8 ladder, since
     #: those images flatter every candidate (held-out images drift further)
     gate_points: float = field(default=GATE_POINTS / 2, metadata={"min": 0.0, "max": 100.0})
+    #: ... and the largest mean relative change of FP32's top-1 margins per exit (``margin_change``)
+    max_margin_change: float = field(default=MAX_MARGIN_CHANGE, metadata={"min": 0.0})
     #: calibration images the automatic choices check agreement on (0 = all)
     gate_samples: int = field(default=0, metadata={"min": 0})
     #: the accuracy ladder stops at the early convolutions here: OpenVINO 2026.4's CPU plugin
@@ -182,6 +184,7 @@ def compile_target(
             log("choosing a precision per segment ...")
             choice = auto.choose_per_segment(backend, manifest, fp32_chain, cands, images,
                                              runs=max(opts.latency_runs // 2, 12), gate_points=opts.gate_points,
+                                             max_margin_change=opts.max_margin_change,
                                              log=log)
             cand, built = choice.candidate, choice.chain
             metadata["auto"] = choice.metadata
@@ -189,7 +192,8 @@ def compile_target(
         elif opts.float_precision == "auto" and bf16_ok:
             log("choosing the float parts' precision ...")
             choice = auto.choose_uniform(backend, manifest, fp32_chain, int8, images, fallback="int8",
-                                         gate_points=opts.gate_points, log=log)
+                                         gate_points=opts.gate_points, max_margin_change=opts.max_margin_change,
+                                         log=log)
             cand, built = choice.candidate, choice.chain
             metadata["float_precision_choice"] = choice.metadata
         else:

@@ -96,6 +96,7 @@ def choose_uniform(
     fallback: str,
     runs: int = 12,
     gate_points: float = select.GATE_POINTS,
+    max_margin_change: float = select.MAX_MARGIN_CHANGE,
     log: Callable[[str], None],
 ) -> Choice:
     """The fastest whole chain among ``candidates`` within the gate at every exit (ties: see
@@ -103,11 +104,11 @@ def choose_uniform(
     got = measure(backend, manifest, fp32, candidates, images, runs=runs)
     chains, seg_ms, agree = got.chains, got.seg_ms, got.agree
     name = select.fastest_passing(seg_ms, agree, gate_points=gate_points, fallback=fallback,
-                                  margin_change=got.margin_change)
-    _log_table(log, seg_ms, agree, gate_points, images.shape[0])
+                                  margin_change=got.margin_change, max_change=max_margin_change)
+    _log_table(log, got, gate_points, max_margin_change, images.shape[0])
     log(f"  chosen: {name}")
-    meta = {**select.describe(seg_ms, agree, gate_points, got.margin_change), "images": int(images.shape[0]),
-            "chosen": name}
+    meta = {**select.describe(seg_ms, agree, gate_points, got.margin_change, max_margin_change),
+            "images": int(images.shape[0]), "chosen": name}
     return Choice(candidates[name], chains[name], meta)
 
 
@@ -120,6 +121,7 @@ def choose_per_segment(
     *,
     runs: int = 12,
     gate_points: float = select.GATE_POINTS,
+    max_margin_change: float = select.MAX_MARGIN_CHANGE,
     log: Callable[[str], None],
 ) -> Choice:
     """Per segment the fastest candidate within the gate (of those tied on time, the one that
@@ -127,21 +129,24 @@ def choose_per_segment(
     fastest uniform chain within the gate replaces it if it fails."""
     got = measure(backend, manifest, fp32, candidates, images, runs=runs)
     chains, seg_ms, agree, ref = got.chains, got.seg_ms, got.agree, got.ref
-    _log_table(log, seg_ms, agree, gate_points, images.shape[0])
+    _log_table(log, got, gate_points, max_margin_change, images.shape[0])
     picks = select.per_segment(seg_ms, agree, gate_points=gate_points, fallback="fp32",
-                               margin_change=got.margin_change)
-    meta: dict[str, Any] = {**select.describe(seg_ms, agree, gate_points, got.margin_change),
+                               margin_change=got.margin_change, max_change=max_margin_change)
+    meta: dict[str, Any] = {**select.describe(seg_ms, agree, gate_points, got.margin_change, max_margin_change),
                             "images": int(images.shape[0]), "per_segment": picks}
     if len(set(picks)) == 1:
         chosen, chain = candidates[picks[0]], chains[picks[0]]
     else:
         chosen = fp32.candidate.pick("auto", candidates, picks)
         chain = Chain(backend, manifest, chosen)
-        mixed = [float(np.mean(r.argmax(1) == g.argmax(1))) for r, g in zip(ref, chain.exits(images), strict=True)]
+        logits = chain.exits(images)
+        mixed = [float(np.mean(r.argmax(1) == g.argmax(1))) for r, g in zip(ref, logits, strict=True)]
+        change = [margin_change(r, g) for r, g in zip(ref, logits, strict=True)]
         meta["mixed_top1_agreement"] = [round(a, 4) for a in mixed]
-        if not all(select.passes(mixed, gate_points)):
+        meta["mixed_margin_change"] = [round(c, 4) for c in change]
+        if not all(select.passes(mixed, gate_points, change, max_margin_change)):
             name = select.fastest_passing(seg_ms, agree, gate_points=gate_points, fallback="fp32",
-                                          margin_change=got.margin_change)
+                                          margin_change=got.margin_change, max_change=max_margin_change)
             log(f"  the mixed chain {picks} leaves the gate ({mixed}); taking {name} for every segment")
             picks = [name] * len(picks)
             chosen, chain = candidates[name], chains[name]
@@ -154,13 +159,11 @@ def choose_per_segment(
     return Choice(chosen, chain, meta)
 
 
-def _log_table(
-    log: Callable[[str], None], seg_ms: Mapping[str, tuple[float, ...]], agree: Mapping[str, list[float]],
-    gate_points: float, images: int,
-) -> None:
-    log(f"  candidates (batch-1 ms per segment, one interleaved loop; top-1 agreement with fp32 per exit on "
-        f"{images} calibration images, gate {gate_points} points):")
-    for name, ms in seg_ms.items():
-        ok = select.passes(agree[name], gate_points)
+def _log_table(log: Callable[[str], None], got: Measured, gate_points: float, max_change: float, images: int) -> None:
+    log(f"  candidates (batch-1 ms per segment, one interleaved loop; top-1 agreement with fp32 and margin "
+        f"change per exit on {images} calibration images, gate {gate_points} points and {max_change}):")
+    for name, ms in got.seg_ms.items():
+        agree, change = got.agree[name], got.margin_change[name]
+        ok = select.passes(agree, gate_points, change, max_change)
         log(f"    {name:10s} " + " / ".join(f"{v:.2f}" for v in ms) + f" = {sum(ms):.2f} ms; agreement "
-            + " / ".join(f"{a:.1%}{'' if o else '!'}" for a, o in zip(agree[name], ok, strict=True)))
+            + " / ".join(f"{a:.1%} {c:.3f}{'' if o else '!'}" for a, c, o in zip(agree, change, ok, strict=True)))

@@ -51,7 +51,7 @@ def test_fastest_candidate_outside_the_gate_is_never_chosen() -> None:
 def test_times_within_the_tolerance_are_a_tie_won_by_the_smaller_margin_change() -> None:
     ms = {"fp32": [2.0, 1.0], "bf16": [1.03, 0.60], "int8": [1.0, 0.50]}
     agree = {n: [1.0, 1.0] for n in ms}
-    change = {"fp32": [0.0, 0.0], "bf16": [0.01, 0.01], "int8": [0.04, 0.40]}
+    change = {"fp32": [0.0, 0.0], "bf16": [0.01, 0.01], "int8": [0.04, 0.12]}
     # segment 1: bf16 is 3% slower than int8 (a tie) and changes the margins less; segment 2:
     # int8 is 17% faster, which the tie tolerance does not cover
     assert per_segment(ms, agree, fallback="fp32", margin_change=change) == ["bf16", "int8"]
@@ -60,6 +60,20 @@ def test_times_within_the_tolerance_are_a_tie_won_by_the_smaller_margin_change()
     # whole chains: int8 1.50 ms, bf16 1.63 ms (8.7% slower); a tie at 10%, won by the smaller worst change
     assert fastest_passing(ms, agree, fallback="fp32", margin_change=change) == "int8"
     assert fastest_passing(ms, agree, fallback="fp32", margin_change=change, tolerance=0.1) == "bf16"
+
+
+def test_a_candidate_that_moves_the_margins_too_far_is_outside_the_gate() -> None:
+    from edgeperceiver.targets.openvino_select import describe
+
+    ms = {"fp32": [2.0, 1.0], "bf16": [1.5, 0.60], "int8": [1.0, 0.50]}
+    agree = {n: [1.0, 1.0] for n in ms}  # every candidate agrees on every calibration image
+    change = {"fp32": [0.0, 0.0], "bf16": [0.01, 0.01], "int8": [0.04, 0.40]}
+    assert passes(agree["int8"], 0.5, change["int8"], 0.15) == [True, False]
+    assert per_segment(ms, agree, fallback="fp32", margin_change=change) == ["int8", "bf16"]
+    assert fastest_passing(ms, agree, fallback="fp32", margin_change=change) == "bf16"
+    assert per_segment(ms, agree, fallback="fp32", margin_change=change, max_change=0.5) == ["int8", "int8"]
+    meta = describe(ms, agree, 0.25, change, 0.15)
+    assert meta["candidates"]["int8"]["within_gate"] == [True, False] and meta["max_margin_change"] == 0.15
 
 
 def test_margin_change_sees_what_top1_agreement_does_not() -> None:
