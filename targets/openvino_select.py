@@ -50,6 +50,24 @@ def fastest(ms: Mapping[str, float], change: Mapping[str, float], tolerance: flo
     return min(near, key=lambda n: (change.get(n, 0.0), ms[n]))
 
 
+def shortfall(
+    agreement: Sequence[float],
+    change: Sequence[float] | None = None,
+    gate_points: float = GATE_POINTS,
+    max_change: float = MAX_MARGIN_CHANGE,
+) -> float:
+    """How far a candidate is outside the gate at its worst exit, in units of the gate: the
+    agreement missing below the floor over ``gate_points``, plus the margin change above
+    ``max_change`` over ``max_change``; 0 within the gate."""
+    floor = 1.0 - gate_points / 100.0
+    changes = change if change is not None else [0.0] * len(agreement)
+    return max(
+        (max(0.0, floor - a) / max(gate_points / 100.0, 1e-9) + max(0.0, c - max_change) / max(max_change, 1e-9)
+         for a, c in zip(agreement, changes, strict=True)),
+        default=0.0,
+    )
+
+
 def fastest_passing(
     segment_ms: Mapping[str, Sequence[float]],
     agreement: Mapping[str, Sequence[float]],
@@ -63,21 +81,18 @@ def fastest_passing(
     """The candidate whose whole chain is fastest among those within the gate at every exit
     (a tie within ``tolerance`` goes to the smallest largest ``margin_change``; see :func:`fastest`).
 
-    Where none is (a build that cannot match FP32 at all, e.g. untrained weights), the gate
-    is taken relative to ``fallback``: the fastest candidate that agrees with FP32 at every
-    exit at most ``gate_points`` less than ``fallback`` does.
+    Where none is (e.g. untrained weights, which nothing matches), the one closest to the gate
+    (:func:`shortfall`), then the fastest; ``fallback`` where no candidate was checked.
     """
     change = margin_change or {}
+    checked = [n for n in segment_ms if n in agreement]
     ok = [n for n in segment_ms
           if all(passes(agreement.get(n, [1.0] * len(segment_ms[n])), gate_points, change.get(n), max_change))]
     if not ok:
-        ref = agreement.get(fallback)
-        if ref is None:
+        if not checked:
             return fallback
-        floor = [r - gate_points / 100.0 - 1e-12 for r in ref]
-        ok = [n for n in segment_ms if n in agreement and all(a >= f for a, f in zip(agreement[n], floor, strict=True))]
-        if fallback not in ok:
-            ok.append(fallback)
+        return min(checked, key=lambda n: (shortfall(agreement[n], change.get(n), gate_points, max_change),
+                                           sum(segment_ms[n])))
     worst = {n: max(c, default=0.0) for n, c in change.items()}
     return fastest({n: sum(segment_ms[n]) for n in ok}, worst, tolerance)
 

@@ -16,7 +16,7 @@ from edgeperceiver.bundle import Bundle
 from edgeperceiver.errors import InputError
 from edgeperceiver.runtime.runner import load
 from edgeperceiver.targets import compile_bundle
-from edgeperceiver.targets.openvino_select import fastest_passing, passes, per_segment
+from edgeperceiver.targets.openvino_select import fastest_passing, passes, per_segment, shortfall
 from edgeperceiver.types import Precision, TargetName
 
 SIZE, WIDTH = 16, 8
@@ -40,12 +40,19 @@ def test_fastest_candidate_outside_the_gate_is_never_chosen() -> None:
     agree["int8"] = [1.0, 0.9]
     assert per_segment(ms, agree, fallback="fp32") == ["int8", "bf16"]
     assert fastest_passing(ms, {"bf16": [0.0, 0.0], "int8": [0.5, 0.5]}, fallback="fp32") == "fp32"  # unmeasured
-    # nothing matches FP32 (untrained weights): the gate holds relative to the fallback
+    # nothing within the gate (untrained weights): the candidate closest to it, whatever its speed
     agree = {"int8": [0.95, 0.60], "int8+bf16": [0.953, 0.63], "slow": [0.99, 0.99]}
     ms = {"int8": [2.0, 1.0], "int8+bf16": [1.0, 0.5], "slow": [3.0, 3.0]}
-    assert fastest_passing(ms, agree, fallback="int8") == "int8+bf16"
-    agree["int8+bf16"] = [0.94, 0.63]  # loses a point at exit 1 against the fallback
-    assert fastest_passing(ms, agree, fallback="int8") == "int8"
+    assert fastest_passing(ms, agree, fallback="int8") == "slow"
+    del agree["slow"], ms["slow"]
+    assert fastest_passing(ms, agree, fallback="int8") == "int8+bf16"  # worst exit 63% against 60%
+    # the demo's case: one calibration image flipped (int8+bf16) is closer to the gate than FP32's
+    # margins moved by 40% (int8)
+    agree = {"int8": [1.0, 1.0], "int8+bf16": [1.0, 0.9967]}
+    change = {"int8": [0.04, 0.40], "int8+bf16": [0.04, 0.08]}
+    assert shortfall(agree["int8+bf16"], change["int8+bf16"], 0.25) == pytest.approx(0.32)
+    assert shortfall(agree["int8"], change["int8"], 0.25) == pytest.approx(0.25 / 0.15)
+    assert fastest_passing(ms, agree, gate_points=0.25, fallback="int8", margin_change=change) == "int8+bf16"
 
 
 def test_times_within_the_tolerance_are_a_tie_won_by_the_smaller_margin_change() -> None:

@@ -10,6 +10,7 @@ Xeon with AMX) and auto, and compares top-1 accuracy per exit on the held-out di
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -70,9 +71,9 @@ def test_int8_choosing_bf16_float_parts_keeps_the_gate(
     choice = int8.metadata.get("float_precision_choice")
     if not choice:
         pytest.skip("this CPU has no native bf16")
-    # the automatic choice saw both float precisions and kept one within the gate
+    # the automatic choice saw both float precisions
     assert set(choice["candidates"]) == {"int8", "int8+bf16"} and choice["images"] == calib.shape[0]
-    assert all(choice["candidates"][choice["chosen"]]["within_gate"])
+    _within_gate_or_closest(choice)
 
     # the bf16 path forced: bf16 float parts measure twice as fast (as they may on a CPU with
     # AMX), every accuracy check stays real; a copy of the bundle keeps the module's entries
@@ -88,11 +89,26 @@ def test_int8_choosing_bf16_float_parts_keeps_the_gate(
     entry = compile_bundle(forced, TargetName.OPENVINO, Precision.INT8, calib_data=calib,
                            options={"threads": 2, "latency_runs": 0, "report_samples": 0})
     got = entry.metadata["float_precision_choice"]
-    bf16_ok = all(got["candidates"]["int8+bf16"]["within_gate"])
-    # taken when it keeps the gate on the calibration images, refused when it does not
-    assert got["chosen"] == ("int8+bf16" if bf16_ok else "int8")
-    assert entry.metadata["inference_precision"] == ("bf16" if bf16_ok else "f32")
+    # taken when it keeps the gate on the calibration images (it is twice as fast), refused
+    # when it does not and f32 float parts do
+    _within_gate_or_closest(got)
+    if all(got["candidates"]["int8+bf16"]["within_gate"]):
+        assert got["chosen"] == "int8+bf16"
+    assert entry.metadata["inference_precision"] == {"int8+bf16": "bf16", "int8": "f32"}[got["chosen"]]
     _accuracy_gate(forced, "openvino-int8", x, y)
+
+
+def _within_gate_or_closest(choice: dict[str, Any]) -> None:
+    """The chosen candidate is within the gate where any is, else the closest to it."""
+    from edgeperceiver.targets.openvino_select import shortfall
+
+    cands = choice["candidates"]
+    if any(all(c["within_gate"]) for c in cands.values()):
+        assert all(cands[choice["chosen"]]["within_gate"])
+    else:
+        gap = {n: shortfall(c["top1_agreement"], c["margin_change"], choice["gate_points"], choice["max_margin_change"])
+               for n, c in cands.items()}
+        assert gap[choice["chosen"]] == min(gap.values())
 
 
 def test_auto_keeps_every_exit_within_half_a_point_and_is_not_slower_than_fp32(
