@@ -128,8 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from edgeperceiver.models import demo_checkpoint
 
             ckpt = demo_checkpoint() if args.demo else args.digits_checkpoint
-            bundle, calib, *held = digits_bundle(args.bundle or Path(tmp) / "digits", ckpt, args.threads)
-            heldout = (held[0], held[1])
+            bundle, calib, x_held, y_held = digits_bundle(args.bundle or Path(tmp) / "digits", ckpt, args.threads)
+            heldout = (x_held, y_held)
             size = int(calib.shape[-1])
             name = f"{Bundle.open(bundle).manifest.model_name} trained on the digits, {size}x{size}"
         else:

@@ -59,7 +59,7 @@ def if_model(ov: Any, models: list[Any], specs: tuple[SegmentSpec, ...], input_n
 
     Inputs: the image and ``thresholds`` (K-1,); outputs: the logits and the 1-based exit.
     """
-    ops = __import__("openvino.opset8", fromlist=["opset8"])
+    import openvino.opset8 as ops
     need = carried_after(specs)
     last = len(models) - 1
 
