@@ -1,13 +1,14 @@
 """INT8 that keeps its accuracy promise: check every exit against FP32, and climb a ladder if not.
 
-A quantized candidate passes the gate at exit k when its top-1 agreement with FP32 on the
-calibration images is at least ``1 - gate_points / 100``: then it cannot lose more than
-``gate_points`` of accuracy on those images, whatever their labels. Where the candidate
-made with the configured settings misses the gate at any exit, :func:`climb` quantizes
-again with more of the graph kept in float, one rung of ``QuantizeConfig.ladder`` at a time
-(each rung adds one scope of :data:`FLOAT_OPS` to ``float_ops``), and takes the first rung
-that passes; where none does, the rung with the best worst-exit agreement (then the best
-sum over exits), marked as outside the gate. What was tried and chosen goes into the metadata of the stage or entry.
+A quantized candidate is judged by the accuracy gate (:mod:`edgeperceiver.accuracy_gate`) on
+the calibration images: top-1 agreement with FP32 at every exit and, where the caller measures
+it, the change of FP32's top-1 margins. Where the candidate made with the configured settings
+misses the gate at any exit, :func:`climb` quantizes again with more of the graph kept in
+float, one rung of ``QuantizeConfig.ladder`` at a time (each rung adds one scope of
+:data:`FLOAT_OPS` to ``float_ops``), and takes the first rung that passes; where none does,
+the rung closest to the gate (:func:`~edgeperceiver.accuracy_gate.shortfall`, then the best
+agreement summed over exits), marked as outside the gate. What was tried and chosen goes into
+the metadata of the stage or entry.
 
 The scopes are structural, so they apply to any exported model, ONNX or OpenVINO:
 
@@ -16,7 +17,9 @@ The scopes are structural, so they apply to any exported model, ONNX or OpenVINO
   layers, whose rounding errors every later layer and exit inherits);
 - ``grouped_convs``: grouped and depthwise convolutions;
 - ``norms``: LayerNormalization (MVN in OpenVINO);
-- ``convs``: every convolution.
+- ``convs``: every convolution;
+- ``attention``: the MatMuls whose two inputs are both activations (attention scores and
+  their product with the values; in OpenVINO a quantized pair runs as a fused int8 MHA kernel).
 """
 
 from __future__ import annotations
@@ -24,15 +27,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-import numpy as np
-
+from .accuracy_gate import passes, shortfall
 from .errors import InputError
 
-#: the accuracy gate, in points of top-1 agreement with FP32 (the demo's INT8 promise)
-GATE_POINTS = 0.5
-FLOAT_OPS = ("heads", "early_convs", "grouped_convs", "norms", "convs")
+FLOAT_OPS = ("heads", "early_convs", "grouped_convs", "norms", "convs", "attention")
 #: the share of the convolutions (in graph order) that ``early_convs`` keeps in float
 EARLY_SHARE = 1 / 3
 
@@ -74,6 +75,8 @@ def float_names(model: Any, ops: Sequence[str], exits: Sequence[str]) -> list[st
     names: list[str] = []
     if "heads" in ops:
         names += head_nodes(model, exits)
+    if "attention" in ops:
+        names += attention_matmuls(model)
     if "early_convs" in ops or "grouped_convs" in ops:
         convs = _convs(model)  # (name, group > 1), in graph order
         if "grouped_convs" in ops:
@@ -90,6 +93,38 @@ def _convs(model: Any) -> list[tuple[str, bool]]:
     return [(op.get_friendly_name(), op.get_type_name() == "GroupConvolution")  # openvino.Model
             for op in model.get_ordered_ops() if op.get_type_name() in _CONV]
 
+
+def attention_matmuls(model: Any) -> list[str]:
+    """Names of the MatMuls that multiply two activations (no weight on either side)."""
+    if hasattr(model, "graph"):  # onnx.ModelProto
+        const = {i.name for i in model.graph.initializer}
+        const |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+        producer = {o: n for n in model.graph.node for o in n.output}
+
+        def weight(name: str) -> bool:
+            node = producer.get(name)
+            while node is not None and node.op_type in _WEIGHT_PASS:
+                name = node.input[0]
+                node = producer.get(name)
+            return name in const
+
+        return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(weight(i) for i in n.input)]
+    out = []
+    for op in model.get_ordered_ops():  # openvino.Model
+        if op.get_type_name() != "MatMul":
+            continue
+        sources = [op.input(i).get_source_output().get_node() for i in range(2)]
+        for k, node in enumerate(sources):
+            while node.get_type_name() in _WEIGHT_PASS:
+                node = node.input(0).get_source_output().get_node()
+            sources[k] = node
+        if not any(node.get_type_name() == "Constant" for node in sources):
+            out.append(op.get_friendly_name())
+    return out
+
+
+#: ops that may stand between a weight and the MatMul reading it (dequantization, layout)
+_WEIGHT_PASS = frozenset({"Convert", "Cast", "Reshape", "Transpose", "DequantizeLinear", "Identity"})
 
 #: ops between a classifier's MatMul/Gemm and the exit output (bias, reshapes, casts)
 _HEAD_PASS = frozenset({"Add", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Convert", "Cast"})
@@ -125,16 +160,6 @@ def head_nodes(model: Any, exits: Sequence[str]) -> list[str]:
     return found
 
 
-def agreement(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> list[float]:
-    """Per exit: the fraction of images whose top-1 class is FP32's."""
-    return [float(np.mean(r.argmax(1) == c.argmax(1))) for r, c in zip(reference, candidate, strict=True)]
-
-
-def within_gate(agree: Sequence[float], gate_points: float = GATE_POINTS) -> bool:
-    floor = 1.0 - gate_points / 100.0
-    return all(a >= floor - 1e-12 for a in agree)
-
-
 def rungs(config: C) -> list[C]:
     """The configured settings, then one more float scope of ``config.ladder`` per rung."""
     check_float_ops(config.float_ops)
@@ -149,31 +174,47 @@ def rungs(config: C) -> list[C]:
     return out
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """A rung's per-exit top-1 agreement with FP32 and, where measured, margin change."""
+
+    agreement: Sequence[float]
+    margin_change: Sequence[float] | None = None
+
+
 def climb(
     config: C,
-    build: Callable[[C], tuple[T, Sequence[float]]],
+    build: Callable[[C], tuple[T, Verdict]],
     *,
     gate_points: float,
     images: int,
+    max_margin_change: float | None = None,
     log: Callable[[str], None] | None = None,
 ) -> tuple[T, C, dict[str, Any]]:
     """Quantize with each rung until one is within the gate at every exit.
 
-    ``build(config)`` quantizes and returns ``(result, per-exit agreement with FP32)``.
-    Returns the chosen result, its settings, and metadata listing every attempt.
+    ``build(config)`` quantizes and returns ``(result, verdict)``; the margin change is part of
+    the gate where ``max_margin_change`` is given. Returns the chosen result, its settings, and
+    metadata listing every attempt.
     """
     attempts: list[dict[str, Any]] = []
     best: tuple[tuple[float, float], int, T, C] | None = None
     for k, cfg in enumerate(rungs(config)):
-        result, agree = build(cfg)
-        ok = within_gate(agree, gate_points)
-        attempts.append({"float_ops": list(cfg.float_ops), "top1_agreement": [round(a, 4) for a in agree],
-                         "within_gate": ok})
+        result, got = build(cfg)
+        agree = list(got.agreement)
+        change = None if got.margin_change is None or max_margin_change is None else list(got.margin_change)
+        ok = all(passes(agree, gate_points, change, max_margin_change))
+        attempt: dict[str, Any] = {"float_ops": list(cfg.float_ops), "top1_agreement": [round(a, 4) for a in agree]}
+        if change is not None:
+            attempt["margin_change"] = [round(c, 4) for c in change]
+        attempts.append({**attempt, "within_gate": ok})
         if log is not None:
             shown = " / ".join(f"{100 * a:.2f}" for a in agree)
+            shown += "" if change is None else " %, margin change " + " / ".join(f"{c:.3f}" for c in change)
             log(f"INT8 rung {k} (float: {', '.join(cfg.float_ops) or 'none'}): agreement with FP32 "
-                f"per exit {shown} % -> {'within' if ok else 'outside'} the {gate_points} point gate")
-        score = (min(agree), sum(agree))  # the worst exit first, then all exits
+                f"per exit {shown} -> {'within' if ok else 'outside'} the gate ({gate_points} points"
+                + ("" if change is None else f", margin change {max_margin_change}") + ")")
+        score = (-shortfall(agree, change, gate_points, max_margin_change), sum(agree))
         if best is None or ok or score > best[0]:
             best = (score, k, result, cfg)
         if ok:
@@ -182,7 +223,9 @@ def climb(
     _, chosen, result, cfg = best
     meta = {"gate_points": gate_points, "images": images, "attempts": attempts, "chosen": chosen,
             "float_ops": list(cfg.float_ops), "within_gate": attempts[chosen]["within_gate"]}
+    if max_margin_change is not None:
+        meta["max_margin_change"] = max_margin_change
     if log is not None and not meta["within_gate"]:
         log(f"warning: no INT8 rung is within the gate on the calibration images; rung {chosen} "
-            "agrees best with FP32 and is used")
+            "is closest to it and is used")
     return result, cfg, meta

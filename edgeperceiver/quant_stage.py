@@ -35,9 +35,10 @@ from typing import Any
 import numpy as np
 
 from ._optional import require
+from .accuracy_gate import agreement
 from .bundle import BundleWriter, Manifest, QuantizedGraph, sha256_file
 from .errors import BundleError, EdgePerceiverError, TargetError
-from .quant_ladder import agreement, climb
+from .quant_ladder import Verdict, climb
 from .quantize import QuantizeConfig, check_calibration, qdq_segments
 
 STAGE_PREFIX = "quantized-"
@@ -88,11 +89,11 @@ def ensure_quantized(
     exits = list(manifest.exits)
     reference = run_exits(_load(model_path), calib, manifest.input.name, exits)
 
-    def build(cfg: QuantizeConfig) -> tuple[tuple[Any, list[Any]], list[float]]:
+    def build(cfg: QuantizeConfig) -> tuple[tuple[Any, list[Any]], Verdict]:
         qmodel, segs = qdq_segments(model_path, manifest, calib, cfg)
         agree = [min(a) for a in zip(*(agreement(reference, run_exits(g, calib, manifest.input.name, exits))
                                        for g in consumer_graphs(qmodel)), strict=True)]
-        return (qmodel, segs), agree
+        return (qmodel, segs), Verdict(agree)
 
     (qmodel, segs), chosen, gate = climb(config, build, gate_points=config.ladder_gate,
                                          images=int(calib.shape[0]), log=log)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._optional import require
+from .accuracy_gate import agreement, margin_changes
 from .errors import InputError
 from .options import parse_options
 from .passes.qdq_check import check_qdq_segments
@@ -283,16 +284,18 @@ def qdq_segments(
 def exit_agreement(
     reference: Sequence[np.ndarray], quantized: Sequence[np.ndarray], exits: Sequence[str]
 ) -> list[dict[str, Any]]:
-    """Per exit: top-1 agreement and max |logit difference| of ``quantized`` vs ``reference``."""
-    rows = []
-    for k, (a, b) in enumerate(zip(reference, quantized, strict=True), start=1):
-        rows.append({
-            "exit": k,
-            "name": exits[k - 1],
-            "top1_agreement": round(float(np.mean(a.argmax(1) == b.argmax(1))), 4),
-            "max_abs_logit_diff": round(float(np.max(np.abs(a - b))), 5),
-        })
-    return rows
+    """Per exit: top-1 agreement, margin change and max |logit difference| of ``quantized`` vs
+    ``reference`` (:mod:`edgeperceiver.accuracy_gate`)."""
+    agree, change = agreement(reference, quantized), margin_changes(reference, quantized)
+    return [{"exit": k, "name": exits[k - 1], "top1_agreement": round(agree[k - 1], 4),
+             "margin_change": round(change[k - 1], 4), "max_abs_logit_diff": round(float(np.max(np.abs(a - b))), 5)}
+            for k, (a, b) in enumerate(zip(reference, quantized, strict=True), start=1)]
+
+
+def agreement_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """:func:`exit_agreement`'s rows as report lines."""
+    return [f"  exit {r['exit']} ({r['name']}): top-1 agreement with fp32 {r['top1_agreement']:.2%}, margin change "
+            f"{r['margin_change']:.3f}, max |logit diff| {r['max_abs_logit_diff']:.4f}" for r in rows]
 
 
 def options_to(cls: Any, options: Mapping[str, Any], *, nested: str = "quant") -> Any:

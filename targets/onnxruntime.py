@@ -29,7 +29,7 @@ from edgeperceiver.bundle import BundleWriter, Manifest, TargetEntry
 from edgeperceiver.errors import InputError, TargetError
 from edgeperceiver.progress import message
 from edgeperceiver.quant_stage import ensure_quantized
-from edgeperceiver.quantize import QuantizeConfig, check_calibration, exit_agreement, options_to
+from edgeperceiver.quantize import QuantizeConfig, agreement_lines, check_calibration, exit_agreement, options_to
 from edgeperceiver.timing import recorder, take_turns
 from edgeperceiver.types import Precision, TargetName
 
@@ -96,9 +96,8 @@ def compile_target(
         got = _exits(sessions, manifest, images)
         rows = exit_agreement(ref, got, manifest.exits)
         metadata["agreement"] = {"images": int(images.shape[0]), "reference": "onnxruntime-fp32", "exits": rows}
-        for row in rows:
-            log(f"  exit {row['exit']} ({row['name']}): top-1 agreement with fp32 {row['top1_agreement']:.2%}, "
-                 f"max |logit diff| {row['max_abs_logit_diff']:.4f}")
+        for line in agreement_lines(rows):
+            log(line)
     latency: tuple[float, ...] = ()
     if opts.latency_runs > 0:
         seg_ms = _latency(sessions, manifest, opts.latency_runs)

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from edgeperceiver._optional import require
+from edgeperceiver.accuracy_gate import GATE_POINTS, MAX_MARGIN_CHANGE
 from edgeperceiver.bundle import BundleWriter, TargetEntry
 from edgeperceiver.errors import InputError, TargetError
 from edgeperceiver.passes.openvino_bf16 import carry_bf16
@@ -60,7 +61,6 @@ from .openvino_chains import Candidate, Chain, bf16_carried, shipped_models
 from .openvino_ir import Log, check_interface, cpu_name, has_bf16, read_fp32, save_ir
 from .openvino_quantize import qdq_models, segment_quantize
 from .openvino_report import report as _report
-from .openvino_select import GATE_POINTS, MAX_MARGIN_CHANGE
 
 __all__ = [
     "OpenVINOOptions", "carry_bf16", "compile_target", "fold_norm_affine", "fuse_projections",
@@ -90,9 +90,11 @@ class OpenVINOOptions:
     max_margin_change: float = field(default=MAX_MARGIN_CHANGE, metadata={"min": 0.0})
     #: calibration images the automatic choices check agreement on (0 = all)
     gate_samples: int = field(default=0, metadata={"min": 0})
-    #: the accuracy ladder stops at the early convolutions here: OpenVINO 2026.4's CPU plugin
-    #: crashed (SIGSEGV) releasing demo segments with every convolution in float (docs/openvino.md)
-    quant: QuantizeConfig = field(default_factory=lambda: QuantizeConfig(ladder=("early_convs",)))
+    #: the accuracy ladder: first the attention products in float (OpenVINO's fused int8
+    #: attention kernel, with f32 float parts, changed the demo's exit-2 margins by 40%), then the
+    #: early convolutions. It stops there: OpenVINO 2026.4's CPU plugin crashed (SIGSEGV)
+    #: releasing demo segments with every convolution in float (docs/openvino.md)
+    quant: QuantizeConfig = field(default_factory=lambda: QuantizeConfig(ladder=("attention", "early_convs")))
     threads: int | None = None  #: threads for the latency report (None = OpenVINO's default)
     latency_runs: int = field(default=30, metadata={"min": 0})  #: timed batch-1 runs per segment (0 = skip)
     report_samples: int = field(default=64, metadata={"min": 0})  #: images for the agreement report (0 = skip)
@@ -170,8 +172,9 @@ def compile_target(
         if opts.method == "qdq":
             q_models, mono_src = qdq_models(core, writer, manifest, calib, opts.quant)
         else:
-            q_models, metadata["int8_gate"] = segment_quantize(backend, fp32.models, manifest, calib, opts.quant,
-                                                               gate_images=images, log=log)
+            q_models, metadata["int8_gate"] = segment_quantize(
+                backend, fp32.models, manifest, calib, opts.quant, gate_images=images,
+                max_margin_change=opts.max_margin_change, log=log)
         metadata["quantize_seconds"] = round(time.perf_counter() - t0, 1)
         int8 = {"int8": Candidate("int8", q_models, ["int8"] * n, ["f32"] * n),
                 "int8+bf16": Candidate("int8+bf16", q_models, ["int8"] * n, ["bf16"] * n)}

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeperceiver.accuracy_gate import GATE_POINTS, MAX_MARGIN_CHANGE, agreement, margin_changes, passes
 from edgeperceiver.bundle import Manifest
 from edgeperceiver.runtime.openvino import OpenVINOBackend
 
@@ -43,25 +44,6 @@ class Measured:
     ref: list[np.ndarray]
 
 
-def margin_change(ref: np.ndarray, got: np.ndarray) -> float:
-    """Mean relative change of FP32's top-1 margin (its class's logit over the runner-up's).
-
-    0 where ``got`` equals ``ref``; 1 where the margin vanished (or doubled) on average. It sees
-    what top-1 agreement on confidently classified images does not: how close a candidate
-    brings each image to a flip.
-    """
-    rows = np.arange(ref.shape[0])
-    top = ref.argmax(1)
-
-    def margin(z: np.ndarray) -> np.ndarray:
-        other = z.astype(np.float64, copy=True)
-        other[rows, top] = -np.inf
-        return z[rows, top] - other.max(1)
-
-    m = margin(ref)
-    return float(np.mean(np.abs(m - margin(got)) / np.maximum(np.abs(m), 1e-6)))
-
-
 def measure(
     backend: OpenVINOBackend,
     manifest: Manifest,
@@ -79,8 +61,7 @@ def measure(
     for name, cand in candidates.items():
         chains[name] = fp32 if cand is fp32.candidate else Chain(backend, manifest, cand)
         got = ref if chains[name] is fp32 else chains[name].exits(images)
-        agree[name] = [float(np.mean(r.argmax(1) == g.argmax(1))) for r, g in zip(ref, got, strict=True)]
-        change[name] = [margin_change(r, g) for r, g in zip(ref, got, strict=True)]
+        agree[name], change[name] = agreement(ref, got), margin_changes(ref, got)
     x = np.random.default_rng(0).standard_normal((1, *manifest.input.shape[1:])).astype(np.float32)  # type: ignore[arg-type]
     seg_ms, _ = time_chains(chains, x, runs=runs)
     return Measured(chains, seg_ms, agree, change, ref)
@@ -95,8 +76,8 @@ def choose_uniform(
     *,
     fallback: str,
     runs: int = 12,
-    gate_points: float = select.GATE_POINTS,
-    max_margin_change: float = select.MAX_MARGIN_CHANGE,
+    gate_points: float = GATE_POINTS,
+    max_margin_change: float = MAX_MARGIN_CHANGE,
     log: Callable[[str], None],
 ) -> Choice:
     """The fastest whole chain among ``candidates`` within the gate at every exit (ties: see
@@ -120,8 +101,8 @@ def choose_per_segment(
     images: np.ndarray,
     *,
     runs: int = 12,
-    gate_points: float = select.GATE_POINTS,
-    max_margin_change: float = select.MAX_MARGIN_CHANGE,
+    gate_points: float = GATE_POINTS,
+    max_margin_change: float = MAX_MARGIN_CHANGE,
     log: Callable[[str], None],
 ) -> Choice:
     """Per segment the fastest candidate within the gate (of those tied on time, the one that
@@ -140,11 +121,10 @@ def choose_per_segment(
         chosen = fp32.candidate.pick("auto", candidates, picks)
         chain = Chain(backend, manifest, chosen)
         logits = chain.exits(images)
-        mixed = [float(np.mean(r.argmax(1) == g.argmax(1))) for r, g in zip(ref, logits, strict=True)]
-        change = [margin_change(r, g) for r, g in zip(ref, logits, strict=True)]
+        mixed, change = agreement(ref, logits), margin_changes(ref, logits)
         meta["mixed_top1_agreement"] = [round(a, 4) for a in mixed]
         meta["mixed_margin_change"] = [round(c, 4) for c in change]
-        if not all(select.passes(mixed, gate_points, change, max_margin_change)):
+        if not all(passes(mixed, gate_points, change, max_margin_change)):
             name = select.fastest_passing(seg_ms, agree, gate_points=gate_points, fallback="fp32",
                                           margin_change=got.margin_change, max_change=max_margin_change)
             log(f"  the mixed chain {picks} leaves the gate ({mixed}); taking {name} for every segment")
@@ -164,6 +144,6 @@ def _log_table(log: Callable[[str], None], got: Measured, gate_points: float, ma
         f"change per exit on {images} calibration images, gate {gate_points} points and {max_change}):")
     for name, ms in got.seg_ms.items():
         agree, change = got.agree[name], got.margin_change[name]
-        ok = select.passes(agree, gate_points, change, max_change)
+        ok = passes(agree, gate_points, change, max_change)
         log(f"    {name:10s} " + " / ".join(f"{v:.2f}" for v in ms) + f" = {sum(ms):.2f} ms; agreement "
             + " / ".join(f"{a:.1%} {c:.3f}{'' if o else '!'}" for a, c, o in zip(agree, change, ok, strict=True)))

@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 
 from edgeperceiver._optional import require
+from edgeperceiver.accuracy_gate import agreement, margin_changes
 from edgeperceiver.bundle import BATCH, BundleWriter, Manifest, SegmentSpec
 from edgeperceiver.passes.openvino_group_conv import per_channel_group_conv_weights
-from edgeperceiver.quant_ladder import agreement, climb
+from edgeperceiver.quant_ladder import Verdict, climb
 from edgeperceiver.quantize import QuantizeConfig, nncf_quantize
 from edgeperceiver.runtime.openvino import OpenVINOBackend
 
@@ -48,15 +49,17 @@ def segment_quantize(
     config: QuantizeConfig,
     *,
     gate_images: np.ndarray | None = None,
+    max_margin_change: float | None = None,
     log: Callable[[str], None] | None = None,
 ) -> tuple[list[Any], dict[str, Any]]:
     """NNCF on each OpenVINO segment, calibrated on the inputs the earlier FP32 segments make
     (run through the runtime's sessions), kept within the accuracy gate by the ladder.
 
     The quantized chain runs on this CPU with f32 float parts, and every exit is compared
-    with FP32 on ``gate_images`` (default: ``calib``); where an exit misses
-    ``config.ladder_gate``, NNCF runs again with more of each segment in float
-    (:func:`edgeperceiver.quant_ladder.climb`). Returns the segments and the ladder's metadata.
+    with FP32 on ``gate_images`` (default: ``calib``); where an exit misses the gate
+    (``config.ladder_gate`` points of agreement, and ``max_margin_change``), NNCF runs again
+    with more of each segment in float (:func:`edgeperceiver.quant_ladder.climb`). Returns the
+    segments and the ladder's metadata.
     """
     n = len(fp32_models)
     fp32 = Chain(backend, manifest, Candidate("fp32", fp32_models, ["fp32"] * n, ["f32"] * n))
@@ -64,7 +67,7 @@ def segment_quantize(
     images = calib if gate_images is None else gate_images
     reference = fp32.exits(images)
 
-    def build(cfg: QuantizeConfig) -> tuple[list[Any], list[float]]:
+    def build(cfg: QuantizeConfig) -> tuple[list[Any], Verdict]:
         quantized = []
         for spec, model in zip(manifest.segments, fp32_models, strict=True):
             feeds = [{t.name: live[t.name] for t in spec.inputs} for live in per_image]
@@ -72,9 +75,11 @@ def segment_quantize(
             per_channel_group_conv_weights(q)
             quantized.append(q)
         chain = Chain(backend, manifest, Candidate("int8", quantized, ["int8"] * n, ["f32"] * n))
-        return quantized, agreement(reference, chain.exits(images))
+        got = chain.exits(images)
+        return quantized, Verdict(agreement(reference, got), margin_changes(reference, got))
 
-    models, _, meta = climb(config, build, gate_points=config.ladder_gate, images=int(images.shape[0]), log=log)
+    models, _, meta = climb(config, build, gate_points=config.ladder_gate, images=int(images.shape[0]),
+                            max_margin_change=max_margin_change, log=log)
     return models, meta
 
 

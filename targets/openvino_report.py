@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from edgeperceiver.bundle import Manifest
-from edgeperceiver.quantize import exit_agreement
+from edgeperceiver.quantize import agreement_lines, exit_agreement
 from edgeperceiver.runtime.openvino import OpenVINOBackend
 
 from .openvino_chains import Chain, time_chains
@@ -44,9 +44,8 @@ def report(
     if calib is not None and report_samples > 0 and not same:
         images = calib[:report_samples]
         per_exit = agreement(fp32, built, images, manifest)
-        for row in per_exit:
-            log(f"  exit {row['exit']} ({row['name']}): top-1 agreement with fp32 {row['top1_agreement']:.2%}, "
-                f"max |logit diff| {row['max_abs_logit_diff']:.4f}")
+        for line in agreement_lines(per_exit):
+            log(line)
         out["agreement"] = {"images": int(images.shape[0]), "reference": "openvino-f32", "exits": per_exit}
     if latency_runs <= 0:
         return out

@@ -1,40 +1,16 @@
-"""Choosing precisions by measurement: the accuracy gate, then the fastest (numbers in, names out).
-
-A candidate passes the gate at exit k when its top-1 agreement with FP32 on the calibration
-images is at least ``1 - gate_points / 100`` (then it cannot lose more than ``gate_points``
-of accuracy there on those images, whatever their labels) and, where measured, its margin
-change (:func:`targets.openvino_auto.margin_change`) is at most ``max_change``: agreement on
-images the model classifies with wide margins cannot see how close a candidate brings the
-harder, held-out ones to a flip.
-"""
+"""Choosing precisions by measurement: the accuracy gate (:mod:`edgeperceiver.accuracy_gate`),
+then the fastest (numbers in, names out)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-#: the accuracy gate, in points of top-1 agreement with FP32 (the demo's INT8 promise)
-GATE_POINTS = 0.5
+from edgeperceiver.accuracy_gate import GATE_POINTS, MAX_MARGIN_CHANGE, passes, shortfall
+
 #: segment times within this fraction of the fastest count as equal: the interleaved loop's
 #: run-to-run spread on a shared 2-core machine; among them the most accurate candidate wins
 TIE_TOLERANCE = 0.05
-#: the largest mean relative change of FP32's top-1 margins a candidate may make at an exit.
-#: Measured on 300 training digits: bf16 and int8 of a trained reg800m 0.02-0.09, the demo's
-#: bf16 <= 0.01 and int8 with bf16 float parts <= 0.08; the demo's int8 with f32 float parts
-#: 0.40 at exit 2, where it lost 0.56 points on the held-out digits with full agreement here.
-MAX_MARGIN_CHANGE = 0.15
-
-
-def passes(
-    agreement: Sequence[float],
-    gate_points: float = GATE_POINTS,
-    change: Sequence[float] | None = None,
-    max_change: float = MAX_MARGIN_CHANGE,
-) -> list[bool]:
-    """Per exit: is the candidate within the gate (agreement, and margin change where given)?"""
-    floor = 1.0 - gate_points / 100.0
-    changes = change if change is not None else [0.0] * len(agreement)
-    return [a >= floor - 1e-12 and c <= max_change for a, c in zip(agreement, changes, strict=True)]
 
 
 def fastest(ms: Mapping[str, float], change: Mapping[str, float], tolerance: float = TIE_TOLERANCE) -> str:
@@ -48,24 +24,6 @@ def fastest(ms: Mapping[str, float], change: Mapping[str, float], tolerance: flo
     best = min(ms.values())
     near = [n for n, t in ms.items() if t <= best * (1.0 + tolerance)]
     return min(near, key=lambda n: (change.get(n, 0.0), ms[n]))
-
-
-def shortfall(
-    agreement: Sequence[float],
-    change: Sequence[float] | None = None,
-    gate_points: float = GATE_POINTS,
-    max_change: float = MAX_MARGIN_CHANGE,
-) -> float:
-    """How far a candidate is outside the gate at its worst exit, in units of the gate: the
-    agreement missing below the floor over ``gate_points``, plus the margin change above
-    ``max_change`` over ``max_change``; 0 within the gate."""
-    floor = 1.0 - gate_points / 100.0
-    changes = change if change is not None else [0.0] * len(agreement)
-    return max(
-        (max(0.0, floor - a) / max(gate_points / 100.0, 1e-9) + max(0.0, c - max_change) / max(max_change, 1e-9)
-         for a, c in zip(agreement, changes, strict=True)),
-        default=0.0,
-    )
 
 
 def fastest_passing(

@@ -12,11 +12,12 @@ pytest.importorskip("nncf")
 
 from bundles import make_toy_bundle, toy_inputs
 
+from edgeperceiver.accuracy_gate import passes, shortfall
 from edgeperceiver.bundle import Bundle
 from edgeperceiver.errors import InputError
 from edgeperceiver.runtime.runner import load
 from edgeperceiver.targets import compile_bundle
-from edgeperceiver.targets.openvino_select import fastest_passing, passes, per_segment, shortfall
+from edgeperceiver.targets.openvino_select import fastest_passing, per_segment
 from edgeperceiver.types import Precision, TargetName
 
 SIZE, WIDTH = 16, 8
@@ -84,7 +85,7 @@ def test_a_candidate_that_moves_the_margins_too_far_is_outside_the_gate() -> Non
 
 
 def test_margin_change_sees_what_top1_agreement_does_not() -> None:
-    from edgeperceiver.targets.openvino_auto import margin_change
+    from edgeperceiver.accuracy_gate import margin_change
 
     ref = np.array([[4.0, 1.0, 0.0], [0.0, 2.0, 1.0]], np.float32)  # margins 3 and 1
     assert margin_change(ref, ref) == 0.0

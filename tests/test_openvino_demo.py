@@ -100,7 +100,7 @@ def test_int8_choosing_bf16_float_parts_keeps_the_gate(
 
 def _within_gate_or_closest(choice: dict[str, Any]) -> None:
     """The chosen candidate is within the gate where any is, else the closest to it."""
-    from edgeperceiver.targets.openvino_select import shortfall
+    from edgeperceiver.accuracy_gate import shortfall
 
     cands = choice["candidates"]
     if any(all(c["within_gate"]) for c in cands.values()):
@@ -126,6 +126,7 @@ def test_auto_keeps_every_exit_within_half_a_point_and_is_not_slower_than_fp32(
 
 
 def test_int8_keeps_every_exit_within_half_a_point(demo: tuple[Path, np.ndarray, np.ndarray, np.ndarray]) -> None:
+    from edgeperceiver.accuracy_gate import passes
     from edgeperceiver.bundle import Bundle
 
     root, calib, x, y = demo
@@ -133,6 +134,9 @@ def test_int8_keeps_every_exit_within_half_a_point(demo: tuple[Path, np.ndarray,
     gate = Bundle.open(root).manifest.target("openvino-int8").metadata["int8_gate"]
     assert gate["images"] == calib.shape[0] and gate["attempts"]
     assert gate["float_ops"] == gate["attempts"][gate["chosen"]]["float_ops"]
+    for attempt in gate["attempts"]:  # judged on margins as well as on top-1 agreement
+        assert attempt["within_gate"] == all(passes(attempt["top1_agreement"], gate["gate_points"],
+                                                    attempt["margin_change"], gate["max_margin_change"]))
     ref = load(root, "onnxruntime-fp32", threads=2).all_exits(x)  # the raw segments
     fp32 = load(root, "openvino-fp32", threads=2).all_exits(x)
     int8 = load(root, "openvino-int8", threads=2).all_exits(x)

@@ -222,6 +222,67 @@ def test_openvino_int8_climbs_the_ladder_on_this_cpu(tmp_path: Path) -> None:
     gate = entry.metadata["int8_gate"]
     assert not gate["attempts"][0]["within_gate"] and len(gate["attempts"]) >= 2
     assert gate["float_ops"] == gate["attempts"][gate["chosen"]]["float_ops"]
+    # the margin change is part of the gate: random weights make near-ties, whose margins INT8 moves
+    assert all("margin_change" in a for a in gate["attempts"]) and gate["max_margin_change"] == 0.15
     entry = compile_bundle(root, TargetName.OPENVINO, Precision.INT8, calib_data=calib,
-                           options={**opts, "ladder_gate": 100.0})
+                           options={**opts, "ladder_gate": 100.0, "max_margin_change": 1e6})
     assert len(entry.metadata["int8_gate"]["attempts"]) == 1 and entry.metadata["int8_gate"]["within_gate"]
+    entry = compile_bundle(root, TargetName.OPENVINO, Precision.INT8, calib_data=calib,
+                           options={**opts, "ladder_gate": 100.0, "max_margin_change": 0.0})
+    gate = entry.metadata["int8_gate"]
+    assert [a["float_ops"] for a in gate["attempts"]] == [[], ["attention"], ["attention", "early_convs"]]
+    assert not gate["within_gate"]  # nothing quantized keeps every margin exactly
+    closest = min(range(3), key=lambda k: (max(gate["attempts"][k]["margin_change"]),
+                                           -sum(gate["attempts"][k]["top1_agreement"])))
+    assert gate["chosen"] == closest
+
+
+def _attention_model() -> onnx.ModelProto:
+    """x [1, 6, 4] -> q, k projections -> scores q k^T -> softmax -> scores x -> projection."""
+    rng = np.random.default_rng(0)
+    w = {n: numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), n) for n in ("wq", "wk", "wo")}
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
+        helper.make_node("MatMul", ["x", "wk"], ["k"], name="k_proj"),
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["s"], name="scores"),
+        helper.make_node("Softmax", ["s"], ["a"], axis=-1),
+        helper.make_node("MatMul", ["a", "x"], ["o"], name="mix"),
+        helper.make_node("Transpose", ["wo"], ["wot"], perm=[1, 0]),
+        helper.make_node("MatMul", ["o", "wot"], ["y"], name="o_proj"),
+    ]
+    graph = helper.make_graph(nodes, "attn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 4])], list(w.values()))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_attention_scope_names_the_products_of_two_activations(tmp_path: Path) -> None:
+    from edgeperceiver.quant_ladder import float_names
+
+    model = _attention_model()
+    assert float_names(model, ["attention"], []) == ["scores", "mix"]  # not the projections, whatever their layout
+    ov = pytest.importorskip("openvino")
+    onnx.save(model, str(tmp_path / "attn.onnx"))
+    assert float_names(ov.Core().read_model(str(tmp_path / "attn.onnx")), ["attention"], []) == ["scores", "mix"]
+
+
+def test_ladder_gate_bounds_the_margin_change_where_it_is_measured() -> None:
+    """A rung that agrees with FP32 everywhere but moves its margins by 40% is outside the gate."""
+    from edgeperceiver.quant_ladder import Verdict, climb
+
+    measured = {(): Verdict([1.0, 1.0], [0.05, 0.40]), ("attention",): Verdict([1.0, 0.99], [0.05, 0.08])}
+
+    def build(cfg: QuantizeConfig) -> tuple[tuple[str, ...], Verdict]:
+        return cfg.float_ops, measured.get(cfg.float_ops, Verdict([0.5, 0.5], [0.9, 0.9]))
+
+    config = QuantizeConfig(ladder=("attention", "early_convs"))
+    ops, _, meta = climb(config, build, gate_points=2.0, images=100, max_margin_change=0.15)
+    assert ops == ("attention",) and meta["chosen"] == 1 and meta["within_gate"]
+    assert meta["attempts"][0] == {"float_ops": [], "top1_agreement": [1.0, 1.0], "margin_change": [0.05, 0.4],
+                                   "within_gate": False}
+    ops, _, meta = climb(config, build, gate_points=2.0, images=100)  # agreement alone
+    assert ops == () and len(meta["attempts"]) == 1 and "margin_change" not in meta["attempts"][0]
+    # nothing within the gate: the rung closest to it, in units of the gate (rung 1 misses the
+    # agreement floor by one gate and the margin bound by 7; rung 0 the bound by 39)
+    ops, _, meta = climb(config, build, gate_points=0.5, images=100, max_margin_change=0.01)
+    assert ops == ("attention",) and not meta["within_gate"] and len(meta["attempts"]) == 3
