@@ -127,7 +127,9 @@ def choose_per_segment(
         if not all(passes(mixed, gate_points, change, max_margin_change)):
             name = select.fastest_passing(seg_ms, agree, gate_points=gate_points, fallback="fp32",
                                           margin_change=got.margin_change, max_change=max_margin_change)
-            log(f"  the mixed chain {picks} leaves the gate ({mixed}); taking {name} for every segment")
+            shown = " / ".join(f"{a:.1%} {c:.3f}" for a, c in zip(mixed, change, strict=True))
+            log(f"  the mixed chain {' / '.join(picks)} leaves the gate (agreement and margin change per exit "
+                f"{shown}); taking {name} for every segment")
             picks = [name] * len(picks)
             chosen, chain = candidates[name], chains[name]
             meta["per_segment"] = picks

@@ -213,3 +213,20 @@ def test_stitched_segments_compute_what_the_chain_computes(auto: Path) -> None:
                    options={**FAST, "float_precision": "f32"})
     entry = Bundle.open(auto).manifest.target("openvino-int8")
     assert entry.monolithic == "openvino-int8/model.xml" and entry.metadata["monolithic_ms"] > 0
+
+
+def test_a_mixed_chain_outside_the_gate_gives_way_to_the_best_uniform_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Segments judged one by one can still add up to a chain that leaves the gate: it is
+    checked again, and replaced. With no margin change allowed only FP32 is within the gate."""
+    import edgeperceiver.targets.openvino_select as select
+
+    root = make_toy_bundle(tmp_path / "toy", size=SIZE, width=WIDTH)
+    monkeypatch.setattr(select, "per_segment", lambda *a, **k: ["int8", "fp32", "fp32"])
+    entry = compile_bundle(root, TargetName.OPENVINO, Precision.AUTO, calib_data=toy_inputs(32, size=SIZE, seed=3),
+                           options={**FAST, "max_margin_change": 0.0, "ladder": ""})
+    meta = entry.metadata["auto"]
+    assert max(meta["mixed_margin_change"]) > 0.0  # INT8 in segment 1 moves every later exit
+    assert meta["per_segment"] == ["fp32"] * 3 and entry.metadata["segment_precisions"] == ["fp32"] * 3
+    assert "leaves the gate" in entry.metadata["report"] and "margin change per exit" in entry.metadata["report"]
