@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from ._optional import require
-from .accuracy_gate import agreement
+from .accuracy_gate import agreement, margin_changes
 from .bundle import BundleWriter, Manifest, QuantizedGraph, sha256_file
 from .errors import BundleError, EdgePerceiverError, TargetError
 from .quant_ladder import Verdict, climb
@@ -91,12 +91,13 @@ def ensure_quantized(
 
     def build(cfg: QuantizeConfig) -> tuple[tuple[Any, list[Any]], Verdict]:
         qmodel, segs = qdq_segments(model_path, manifest, calib, cfg)
-        agree = [min(a) for a in zip(*(agreement(reference, run_exits(g, calib, manifest.input.name, exits))
-                                       for g in consumer_graphs(qmodel)), strict=True)]
-        return (qmodel, segs), Verdict(agree)
+        runs = [run_exits(g, calib, manifest.input.name, exits) for g in consumer_graphs(qmodel)]
+        agree = [min(a) for a in zip(*(agreement(reference, r) for r in runs), strict=True)]
+        change = [max(c) for c in zip(*(margin_changes(reference, r) for r in runs), strict=True)]
+        return (qmodel, segs), Verdict(agree, change)
 
-    (qmodel, segs), chosen, gate = climb(config, build, gate_points=config.ladder_gate,
-                                         images=int(calib.shape[0]), log=log)
+    (qmodel, segs), chosen, gate = climb(config, build, gate_points=config.ladder_gate, images=int(calib.shape[0]),
+                                         max_margin_change=config.ladder_max_margin_change, log=log)
     rels = []
     for k, seg in enumerate(segs, start=1):
         rel = f"{folder}/seg{k}.onnx"

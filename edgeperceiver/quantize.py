@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._optional import require
-from .accuracy_gate import agreement, margin_changes
+from .accuracy_gate import MAX_MARGIN_CHANGE, agreement, margin_changes
 from .errors import InputError
 from .options import parse_options
 from .passes.qdq_check import check_qdq_segments
@@ -74,6 +74,8 @@ class QuantizeConfig:
     #: NNCF calibrated on, so they flatter the quantized graph (demo: 1 flip in 300 there,
     #: 3 in 539 held-out); the margin makes held-out accuracy hold, see docs/tensorrt.md
     ladder_gate: float = field(default=0.25, metadata={"min": 0.0, "max": 100.0})
+    #: ... and the largest margin change per exit (:mod:`edgeperceiver.accuracy_gate`)
+    ladder_max_margin_change: float = field(default=MAX_MARGIN_CHANGE, metadata={"min": 0.0})
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary for manifests and reports."""
@@ -83,7 +85,7 @@ class QuantizeConfig:
             "fast_bias_correction": self.fast_bias_correction, "bias_correction": self.bias_correction,
             "ignored_types": list(self.ignored_types), "ignored_names": list(self.ignored_names),
             "float_heads": self.float_heads, "float_ops": list(self.float_ops), "ladder": list(self.ladder),
-            "ladder_gate": self.ladder_gate,
+            "ladder_gate": self.ladder_gate, "ladder_max_margin_change": self.ladder_max_margin_change,
         }
 
 

@@ -172,9 +172,8 @@ def compile_target(
         if opts.method == "qdq":
             q_models, mono_src = qdq_models(core, writer, manifest, calib, opts.quant)
         else:
-            q_models, metadata["int8_gate"] = segment_quantize(
-                backend, fp32.models, manifest, calib, opts.quant, gate_images=images,
-                max_margin_change=opts.max_margin_change, log=log)
+            q_models, metadata["int8_gate"] = segment_quantize(backend, fp32.models, manifest, calib, opts.quant,
+                                                               gate_images=images, log=log)
         metadata["quantize_seconds"] = round(time.perf_counter() - t0, 1)
         int8 = {"int8": Candidate("int8", q_models, ["int8"] * n, ["f32"] * n),
                 "int8+bf16": Candidate("int8+bf16", q_models, ["int8"] * n, ["bf16"] * n)}

@@ -49,7 +49,6 @@ def segment_quantize(
     config: QuantizeConfig,
     *,
     gate_images: np.ndarray | None = None,
-    max_margin_change: float | None = None,
     log: Callable[[str], None] | None = None,
 ) -> tuple[list[Any], dict[str, Any]]:
     """NNCF on each OpenVINO segment, calibrated on the inputs the earlier FP32 segments make
@@ -57,7 +56,7 @@ def segment_quantize(
 
     The quantized chain runs on this CPU with f32 float parts, and every exit is compared
     with FP32 on ``gate_images`` (default: ``calib``); where an exit misses the gate
-    (``config.ladder_gate`` points of agreement, and ``max_margin_change``), NNCF runs again
+    (``config.ladder_gate`` points of agreement, ``config.ladder_max_margin_change``), NNCF runs again
     with more of each segment in float (:func:`edgeperceiver.quant_ladder.climb`). Returns the
     segments and the ladder's metadata.
     """
@@ -79,7 +78,7 @@ def segment_quantize(
         return quantized, Verdict(agreement(reference, got), margin_changes(reference, got))
 
     models, _, meta = climb(config, build, gate_points=config.ladder_gate, images=int(images.shape[0]),
-                            max_margin_change=max_margin_change, log=log)
+                            max_margin_change=config.ladder_max_margin_change, log=log)
     return models, meta
 
 

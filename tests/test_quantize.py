@@ -186,8 +186,11 @@ def test_ladder_retries_with_more_in_float_when_the_first_candidate_misses_the_g
     passing = [k for k, a in enumerate(attempts) if a["within_gate"]]
     if passing:  # the first rung within the gate, and nothing tried after it
         assert gate["chosen"] == passing[0] == len(attempts) - 1
-    else:  # none: the best worst exit, marked as outside the gate
-        score = [(min(a["top1_agreement"]), sum(a["top1_agreement"])) for a in attempts]
+    else:  # none: the closest to the gate, marked as outside it
+        from edgeperceiver.accuracy_gate import shortfall
+
+        score = [(-shortfall(a["top1_agreement"], a["margin_change"], 0.0, gate["max_margin_change"]),
+                  sum(a["top1_agreement"])) for a in attempts]
         assert score[gate["chosen"]] == max(score) and gate["within_gate"] is False
     stage = Bundle.open(root).manifest.quantization
     assert stage is not None
@@ -200,8 +203,12 @@ def test_ladder_retries_with_more_in_float_when_the_first_candidate_misses_the_g
 def test_ladder_stops_at_the_first_candidate_within_the_gate_and_can_be_turned_off(tmp_path: Path) -> None:
     root = make_toy_bundle(tmp_path / "toy", size=SIZE, width=WIDTH, num_classes=40)
     calib = toy_inputs(96, size=SIZE, seed=11)
-    gate = _stage(root, calib, QuantizeConfig(subset_size=96, ladder_gate=100.0))["gate"]
+    gate = _stage(root, calib, QuantizeConfig(subset_size=96, ladder_gate=100.0, ladder_max_margin_change=1e6))["gate"]
     assert len(gate["attempts"]) == 1 and gate["chosen"] == 0 and gate["within_gate"]
+    # the margin change is part of the stage's gate too (the worst of the consumers' graphs)
+    gate = _stage(root, calib, QuantizeConfig(subset_size=96, ladder_gate=100.0, ladder_max_margin_change=0.0))["gate"]
+    assert len(gate["attempts"]) == 3 and not gate["within_gate"] and gate["max_margin_change"] == 0.0
+    assert all(min(a["margin_change"]) > 0.0 for a in gate["attempts"])
     gate = _stage(root, calib, QuantizeConfig(subset_size=96, ladder_gate=0.0, ladder=()))["gate"]
     assert len(gate["attempts"]) == 1 and gate["chosen"] == 0 and not gate["within_gate"]
     with pytest.raises(InputError, match="unknown scope"):
@@ -225,10 +232,10 @@ def test_openvino_int8_climbs_the_ladder_on_this_cpu(tmp_path: Path) -> None:
     # the margin change is part of the gate: random weights make near-ties, whose margins INT8 moves
     assert all("margin_change" in a for a in gate["attempts"]) and gate["max_margin_change"] == 0.15
     entry = compile_bundle(root, TargetName.OPENVINO, Precision.INT8, calib_data=calib,
-                           options={**opts, "ladder_gate": 100.0, "max_margin_change": 1e6})
+                           options={**opts, "ladder_gate": 100.0, "ladder_max_margin_change": 1e6})
     assert len(entry.metadata["int8_gate"]["attempts"]) == 1 and entry.metadata["int8_gate"]["within_gate"]
     entry = compile_bundle(root, TargetName.OPENVINO, Precision.INT8, calib_data=calib,
-                           options={**opts, "ladder_gate": 100.0, "max_margin_change": 0.0})
+                           options={**opts, "ladder_gate": 100.0, "ladder_max_margin_change": 0.0})
     gate = entry.metadata["int8_gate"]
     assert [a["float_ops"] for a in gate["attempts"]] == [[], ["attention"], ["attention", "early_convs"]]
     assert not gate["within_gate"]  # nothing quantized keeps every margin exactly
