@@ -53,12 +53,12 @@ from edgeperceiver.passes.openvino_group_conv import per_channel_group_conv_weig
 from edgeperceiver.passes.openvino_norms import fold_norm_affine
 from edgeperceiver.passes.openvino_stitch import stitch_segments
 from edgeperceiver.quantize import QuantizeConfig, check_calibration, options_to
-from edgeperceiver.runtime.openvino import OpenVINOBackend
+from edgeperceiver.runtime.openvino import OpenVINOBackend, cpu_name
 from edgeperceiver.types import Precision, TargetName
 
 from . import openvino_auto as auto
 from .openvino_chains import Candidate, Chain, bf16_carried, shipped_models
-from .openvino_ir import Log, check_interface, cpu_name, has_bf16, read_fp32, save_ir
+from .openvino_ir import Log, check_interface, has_bf16, read_fp32, save_ir
 from .openvino_quantize import qdq_models, segment_quantize
 from .openvino_report import report as _report
 

@@ -67,13 +67,6 @@ def check_interface(model: Any, spec: SegmentSpec) -> None:
         raise TargetError(f"segment {spec.index}: the OpenVINO model lacks the bundle's tensors {missing}")
 
 
-def cpu_name(core: Any) -> str:
-    try:
-        return str(core.get_property("CPU", "FULL_DEVICE_NAME"))
-    except RuntimeError:
-        return "unknown"
-
-
 def has_bf16(core: Any) -> bool:
     """Does the CPU run bf16 natively (OpenVINO's ``OPTIMIZATION_CAPABILITIES``)?"""
     try:

@@ -459,3 +459,40 @@ def test_cut_variants_script_checks_its_if_graph_and_times_every_contender(
     for row in ("monolithic", "runner", "chain", "nhwc", "if"):
         assert f"| {row} | " in out
     assert "CPU: " in out
+
+
+def test_an_entry_checked_on_another_cpu_warns_where_it_runs(
+    compiled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """INT8 and auto entries hold choices measured with one CPU's kernels: loading one on another
+    CPU model says so (CLI and run.py print it as a warning line); FP32 and bf16 entries do not."""
+    import dataclasses
+    import shutil
+    import warnings
+
+    from edgeperceiver.bundle import edit_bundle
+    from edgeperceiver.runtime.openvino import OtherCPUWarning
+
+    root = tmp_path / "copy"
+    shutil.copytree(compiled, root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OtherCPUWarning)
+        load(root, "openvino-int8", threads=1)  # compiled on this CPU: silent
+    with edit_bundle(root) as w:
+        m = w.manifest
+        for key in ("openvino-int8", "openvino-bf16"):
+            e = m.target(key)
+            m = m.with_target(dataclasses.replace(e, metadata={**e.metadata, "cpu": "Some Other CPU @ 9 GHz"}))
+        w.manifest = m
+    with pytest.warns(OtherCPUWarning, match="openvino-int8 was compiled and checked .*'Some Other CPU @ 9 GHz'"):
+        runner = load(root, "openvino-int8", threads=1)
+    assert runner.all_exits(toy_inputs(2, size=SIZE, seed=1))[0].shape[0] == 2  # a warning, not an error
+    from edgeperceiver.runtime.command import main
+
+    np.save(tmp_path / "x.npy", toy_inputs(2, size=SIZE, seed=1))
+    assert main([str(tmp_path / "x.npy"), "--entry", "openvino-int8"], bundle=str(root)) == 0  # bundle/run.py
+    err = capsys.readouterr().err
+    assert "warning: openvino-int8 was compiled and checked against FP32 on 'Some Other CPU @ 9 GHz'" in err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OtherCPUWarning)
+        load(root, "openvino-bf16", threads=1)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from ..bundle import Bundle
 from ..errors import EdgePerceiverError
@@ -40,8 +42,19 @@ def _parser(with_bundle: bool) -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message: Warning | str, *_: Any, **__: Any) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None, *, bundle: str | None = None) -> int:
-    """Parse ``argv``, classify, print; return the exit code (errors -> their family's code)."""
+    """Parse ``argv``, classify, print; return the exit code (errors -> their family's code).
+    The runtime's warnings print as ``warning: ...`` lines."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _main(argv, bundle)
+
+
+def _main(argv: Sequence[str] | None, bundle: str | None) -> int:
     args = _parser(bundle is None).parse_args(None if argv is None else list(argv))
     try:
         b = Bundle.open(bundle if bundle is not None else args.bundle)
