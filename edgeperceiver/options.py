@@ -4,7 +4,7 @@ A target declares its options as a frozen dataclass; :func:`parse_options` turns
 strings (or a library caller's real values) into it, by each field's annotation:
 
 - ``bool`` (``true/false/yes/no/on/off/1/0``), ``bool | None`` (also ``auto``/``none``);
-- ``int``, ``int | None`` (also ``auto``/``none``), ``float``; a field's
+- ``int``, ``int | None`` (also ``auto``/``none``), ``float`` (finite); a field's
   ``metadata={"min": m, "max": M}`` bounds it;
 - ``str``, ``str | None``; ``tuple[str, ...]`` (a comma-separated list);
 - one nested dataclass field (e.g. the quantizer's settings) whose own fields are
@@ -16,6 +16,7 @@ Unknown keys and bad values raise :class:`~edgeperceiver.errors.InputError` nami
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -68,8 +69,9 @@ def coerce(name: str, raw: Any, hint: Any, bounds: Mapping[str, Any] | None = No
             except (TypeError, ValueError):
                 value = None
         lo, hi = (bounds or {}).get("min"), (bounds or {}).get("max")
-        if value is None or (lo is not None and value < lo) or (hi is not None and value > hi):
-            noun = "an integer" if kind is int else "a number"
+        if (value is None or not math.isfinite(value) or (lo is not None and value < lo)
+                or (hi is not None and value > hi)):
+            noun = "an integer" if kind is int else "a finite number"
             if lo == 1 and hi is None and kind is int:
                 noun = "a positive integer"
             elif lo is not None and hi is not None:

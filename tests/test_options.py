@@ -44,7 +44,9 @@ def test_cli_strings_become_typed_values() -> None:
         ({"count": "2.5"}, "count must be a positive integer"),
         ({"level": 9}, r"level must be an integer in 0\.\.5"),
         ({"typed": "maybe"}, "typed must be true or false"),
-        ({"ratio": "half"}, "ratio must be a number"),
+        ({"ratio": "half"}, "ratio must be a finite number"),
+        ({"ratio": "inf"}, "ratio must be a finite number"),  # would be written as Infinity: not JSON
+        ({"ratio": float("nan")}, "ratio must be a finite number"),
         ({"flag": "sometimes"}, "flag must be true or false"),
     ],
 )
