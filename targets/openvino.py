@@ -53,7 +53,7 @@ from edgeperceiver.passes.openvino_group_conv import per_channel_group_conv_weig
 from edgeperceiver.passes.openvino_norms import fold_norm_affine
 from edgeperceiver.passes.openvino_stitch import stitch_segments
 from edgeperceiver.quantize import QuantizeConfig, check_calibration, options_to
-from edgeperceiver.runtime.openvino import OpenVINOBackend, cpu_name
+from edgeperceiver.runtime.openvino import OpenVINOBackend, cpu_isa, cpu_name
 from edgeperceiver.types import Precision, TargetName
 
 from . import openvino_auto as auto
@@ -150,6 +150,7 @@ def compile_target(
         "openvino": str(ov.get_version()),
         "device": "CPU",
         "cpu": cpu_name(core),
+        "cpu_isa": list(cpu_isa()),  # the instruction sets that chose its kernels (runtime: OtherCPUWarning)
         "weights": "fp32",
         # graph rewrites over all segments: LayerNorm affines folded into the projections
         # after them (fold_norm_affine), MatMul groups merged (fuse_projections)

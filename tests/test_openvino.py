@@ -471,7 +471,7 @@ def test_an_entry_checked_on_another_cpu_warns_where_it_runs(
     import warnings
 
     from edgeperceiver.bundle import edit_bundle
-    from edgeperceiver.runtime.openvino import OtherCPUWarning
+    from edgeperceiver.runtime.openvino_cpu import OtherCPUWarning
 
     root = tmp_path / "copy"
     shutil.copytree(compiled, root)
@@ -496,3 +496,22 @@ def test_an_entry_checked_on_another_cpu_warns_where_it_runs(
     with warnings.catch_warnings():
         warnings.simplefilter("error", OtherCPUWarning)
         load(root, "openvino-bf16", threads=1)
+    # the same model name, other instruction sets (a VM may report one name for several CPUs)
+    here = Bundle.open(compiled).manifest.target("openvino-int8").metadata
+    with edit_bundle(root) as w:
+        e = w.manifest.target("openvino-int8")
+        w.manifest = w.manifest.with_target(dataclasses.replace(
+            e, metadata={**e.metadata, "cpu": here["cpu"], "cpu_isa": [*here["cpu_isa"], "amx_tile"]}))
+    if here["cpu_isa"] and "amx_tile" not in here["cpu_isa"]:
+        with pytest.warns(OtherCPUWarning, match=r"with instruction sets \+amx_tile compared with this CPU"):
+            load(root, "openvino-int8", threads=1)
+
+
+def test_cpu_isa_reads_the_kernel_selecting_flags(tmp_path: Path) -> None:
+    from edgeperceiver.runtime.openvino_cpu import cpu_isa
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor : 0\nflags : fpu sse2 avx2 avx512f amx_int8 amx_tile avx512_bf16 ht\n"
+                    "processor : 1\nflags : fpu sse2 avx2\n")
+    assert cpu_isa(info) == ("amx_int8", "amx_tile", "avx2", "avx512_bf16", "avx512f")
+    assert cpu_isa(tmp_path / "missing") == ()

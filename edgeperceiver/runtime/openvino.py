@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import os
 import threading
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,28 +40,13 @@ from ..errors import InputError, TargetError
 from ..types import Precision
 from .backend import HostArrays, SessionBase
 from .openvino_chain import OpenVINOChain
+from .openvino_cpu import OtherCPUWarning, check_cpu, cpu_isa, cpu_name
 from .openvino_tensors import bf16_bits, bf16_to_float32, is_bf16, tensor_to_host
 
 __all__ = [
     "OpenVINOBackend", "OpenVINOChain", "OpenVINOSession", "OtherCPUWarning", "bf16_bits", "bf16_to_float32",
-    "cpu_name", "inference_precision_hint", "is_bf16", "tensor_to_host",
+    "cpu_isa", "cpu_name", "inference_precision_hint", "is_bf16", "tensor_to_host",
 ]
-
-#: precisions whose entries hold choices measured on the CPU they were compiled on (the INT8
-#: accuracy ladder, the float parts' precision, the per-segment precision of ``auto``)
-_MEASURED = frozenset({Precision.INT8, Precision.AUTO})
-
-
-class OtherCPUWarning(UserWarning):
-    """An entry whose precision choices and accuracy gate were measured on another CPU model."""
-
-
-def cpu_name(core: Any) -> str:
-    """OpenVINO's name for this machine's CPU (``FULL_DEVICE_NAME``), or ``"unknown"``."""
-    try:
-        return str(core.get_property("CPU", "FULL_DEVICE_NAME"))
-    except RuntimeError:
-        return "unknown"
 
 #: manifest precision -> OpenVINO INFERENCE_PRECISION_HINT for the float parts of a model
 _FLOAT_HINT: Mapping[Precision, str] = {
@@ -166,24 +150,8 @@ class OpenVINOBackend(HostArrays):
         except RuntimeError as exc:
             raise TargetError(f"OpenVINO cannot read segment {segment.index} ({rel}): {exc}") from exc
         if segment.index == 1:
-            self._check_cpu(entry)
+            check_cpu(entry, self.core)
         return self.session(model, segment, self.config.precision or entry_precision(entry, segment.index))
-
-    def _check_cpu(self, entry: TargetEntry) -> None:
-        """Warn where ``entry``'s measured choices were made on another CPU model: INT8 and
-        fused kernels differ per instruction set, so its accuracy gate holds there, not
-        necessarily here."""
-        made_on = str(entry.metadata.get("cpu", "unknown"))
-        if entry.precision not in _MEASURED or made_on == "unknown":
-            return
-        here = cpu_name(self.core)
-        if here not in ("unknown", made_on):
-            warnings.warn(
-                f"{entry.key} was compiled and checked against FP32 on {made_on!r}; this CPU is {here!r}. "
-                "Its INT8 accuracy gate and precision choices were measured there, with that CPU's kernels: "
-                "compile it on this CPU to check them here",
-                OtherCPUWarning, stacklevel=4,
-            )
 
     def session(self, model: Any, segment: SegmentSpec, precision: str) -> OpenVINOSession:
         """A session over an in-memory OpenVINO ``model`` (``compile`` times and checks its
