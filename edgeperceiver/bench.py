@@ -197,7 +197,8 @@ class BenchReport:
         lines = [
             f"{self.model} on {self.target} ({self.backend}, threads {threads}): medians of {self.repeats} "
             f"interleaved repeats"
-            + (f" in blocks of {self.block}" if self.block > 1 else "")
+            + (f" in blocks of {self.block}" if self.block > 1 else " of single calls in turn (cold caches; "
+               "--block N: steady state)")
             + f" after {self.warmup} warm-up rounds, {self.clock} clock; {self.info.get('machine', machine_line())}",
             " " * w0 + "  " + "  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)),
         ]

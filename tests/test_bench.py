@@ -64,7 +64,7 @@ def test_bench_reports_every_measurement(toy: Path) -> None:
     assert d["batches"][0]["cut_price"] == pytest.approx(b1.cut_price)
     text = report.render()
     for needle in ("segment 3 alone", "to exit 2 e2", "chained / monolithic", "measured / ideal", "thresholds, 12",
-                   "to exit 3, rounds of 5 singles"):
+                   "to exit 3, rounds of 5 singles", "repeats of single calls in turn (cold caches"):
         assert needle in text
 
 
