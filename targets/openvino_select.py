@@ -26,6 +26,18 @@ def fastest(ms: Mapping[str, float], change: Mapping[str, float], tolerance: flo
     return min(near, key=lambda n: (change.get(n, 0.0), ms[n]))
 
 
+def within_gate(
+    segment_ms: Mapping[str, Sequence[float]],
+    agreement: Mapping[str, Sequence[float]],
+    change: Mapping[str, Sequence[float]],
+    gate_points: float,
+    max_change: float,
+) -> dict[str, list[bool]]:
+    """Per candidate, per exit: within the gate? (A candidate not checked counts as agreeing.)"""
+    return {n: passes(agreement.get(n, [1.0] * len(ms)), gate_points, change.get(n), max_change)
+            for n, ms in segment_ms.items()}
+
+
 def fastest_passing(
     segment_ms: Mapping[str, Sequence[float]],
     agreement: Mapping[str, Sequence[float]],
@@ -44,8 +56,7 @@ def fastest_passing(
     """
     change = margin_change or {}
     checked = [n for n in segment_ms if n in agreement]
-    ok = [n for n in segment_ms
-          if all(passes(agreement.get(n, [1.0] * len(segment_ms[n])), gate_points, change.get(n), max_change))]
+    ok = [n for n, w in within_gate(segment_ms, agreement, change, gate_points, max_change).items() if all(w)]
     if not ok:
         if not checked:
             return fallback
@@ -75,10 +86,10 @@ def per_segment(
     """
     count = len(next(iter(segment_ms.values())))
     change = margin_change or {}
+    within = within_gate(segment_ms, agreement, change, gate_points, max_change)
     choice = []
     for k in range(count):
-        ok = [n for n in segment_ms
-              if passes(agreement.get(n, [1.0] * count), gate_points, change.get(n), max_change)[k]]
+        ok = [n for n, w in within.items() if w[k]]
         choice.append(fastest({n: segment_ms[n][k] for n in ok}, {n: change[n][k] for n in ok if n in change},
                               tolerance) if ok else fallback)
     return choice
@@ -91,13 +102,12 @@ def describe(
 ) -> dict[str, Any]:
     """The numbers a choice was made on, for the entry's metadata."""
     change = margin_change or {}
+    within = within_gate(segment_ms, agreement, change, gate_points, max_change)
     out: dict[str, Any] = {
         "gate_points": gate_points,
         "candidates": {
             n: {"segment_ms": [round(v, 3) for v in segment_ms[n]],
-                "top1_agreement": [round(a, 4) for a in agreement.get(n, [])],
-                "within_gate": passes(agreement.get(n, [1.0] * len(segment_ms[n])), gate_points, change.get(n),
-                                      max_change)}
+                "top1_agreement": [round(a, 4) for a in agreement.get(n, [])], "within_gate": within[n]}
             for n in segment_ms
         },
     }
