@@ -35,6 +35,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .bundle import Manifest
 
 _QUANT_OPS = frozenset({"QuantizeLinear", "DynamicQuantizeLinear"})
+#: :attr:`QuantizeConfig.activation_ranges` values (NNCF's ``RangeEstimatorParametersSet`` names, lower case)
+ACTIVATION_RANGES = ("minmax", "mean_minmax", "histogram")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,13 @@ class QuantizeConfig:
     #: stage inputs of Dyn-Perceiver, where z2x adds to the features) fall back to f32 kernels
     preset: str = "performance"
     transformer: bool = True  #: nncf.ModelType.TRANSFORMER: attention-aware quantizer placement
+    #: how each per-tensor activation range is taken from the calibration images:
+    #: "minmax" (their extremes), "mean_minmax" (NNCF's default: the mean over calibration
+    #: steps of each step's extremes; steps are single images, so that range is the typical
+    #: image's and clips the wider ones at every layer) or "histogram" (NNCF's histogram
+    #: search). On the demo "minmax" cuts INT8's mean logit error at exit 4 eightfold
+    #: (0.33 -> 0.04) and its held-out flips with it (docs/openvino.md)
+    activation_ranges: str = "minmax"
     smooth_quant: bool = False
     subset_size: int = 300
     fast_bias_correction: bool = True
@@ -81,6 +90,7 @@ class QuantizeConfig:
         """A JSON-able summary for manifests and reports."""
         return {
             "preset": self.preset, "model_type": "transformer" if self.transformer else "cnn",
+            "activation_ranges": self.activation_ranges,
             "smooth_quant": self.smooth_quant, "subset_size": self.subset_size,
             "fast_bias_correction": self.fast_bias_correction, "bias_correction": self.bias_correction,
             "ignored_types": list(self.ignored_types), "ignored_names": list(self.ignored_names),
@@ -123,11 +133,15 @@ def nncf_quantize(
     nncf = require("nncf", purpose="INT8 quantization")
     if config.preset not in ("performance", "mixed"):
         raise InputError(f"quantization preset must be 'performance' or 'mixed', not {config.preset!r}")
+    if config.activation_ranges not in ACTIVATION_RANGES:
+        raise InputError(f"activation_ranges must be one of {ACTIVATION_RANGES}, not {config.activation_ranges!r}")
     if not feeds:
         raise InputError("no calibration samples")
     advanced = nncf.AdvancedQuantizationParameters(
         smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=0.95 if config.smooth_quant else -1.0),
         disable_bias_correction=not config.bias_correction,
+        activations_range_estimator_params=getattr(
+            nncf.quantization.range_estimator.RangeEstimatorParametersSet, config.activation_ranges.upper()),
     )
     check_float_ops(config.float_ops)
     ops = (*config.float_ops, *(("heads",) if config.float_heads else ()))

@@ -142,6 +142,36 @@ def test_quantize_qdq_rejects_bad_inputs(toy: Path) -> None:
         quantize_qdq("model.onnx", toy_inputs(4, size=SIZE))
     with pytest.raises(InputError, match="preset"):
         quantize_qdq(m, toy_inputs(4, size=SIZE), config=QuantizeConfig(preset="fastest"))
+    with pytest.raises(InputError, match="activation_ranges"):
+        quantize_qdq(m, toy_inputs(4, size=SIZE), config=QuantizeConfig(activation_ranges="mean"))
+
+
+def _input_scale(ranges: str, feeds: list[dict[str, np.ndarray]]) -> float:
+    """The scale NNCF gives the quantizer of ``x`` in x [1, 8] -> MatMul -> y."""
+    from edgeperceiver.quantize import nncf_quantize
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")], "fc",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], [w])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    q = nncf_quantize(model, feeds, QuantizeConfig(activation_ranges=ranges, bias_correction=False))
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    (node,) = [n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x"]
+    return float(inits[node.input[1]])
+
+
+def test_activation_ranges_cover_every_calibration_image_by_default() -> None:
+    # one calibration image per step, most small, a few wide: the default range covers the
+    # widest image; NNCF's own default (the mean of each step's extremes) clips it
+    rng = np.random.default_rng(1)
+    feeds = [{"x": rng.uniform(-1, 1, (1, 8)).astype(np.float32) * (8.0 if i % 10 == 0 else 1.0)} for i in range(40)]
+    widest = max(float(np.abs(f["x"]).max()) for f in feeds)
+    assert QuantizeConfig().activation_ranges == "minmax"
+    assert QuantizeConfig().describe()["activation_ranges"] == "minmax"
+    minmax = _input_scale("minmax", feeds)
+    assert minmax * 128 >= widest * (1 - 1e-6) and minmax * 127 <= widest * 1.05
+    assert _input_scale("mean_minmax", feeds) * 128 < 0.5 * widest
 
 
 @pytest.mark.parametrize("bad", ["0", "-2", True])
