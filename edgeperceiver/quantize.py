@@ -86,6 +86,12 @@ class QuantizeConfig:
     #: ... and the largest margin change per exit (:mod:`edgeperceiver.accuracy_gate`)
     ladder_max_margin_change: float = field(default=MAX_MARGIN_CHANGE, metadata={"min": 0.0})
 
+    def __post_init__(self) -> None:
+        if self.preset not in ("performance", "mixed"):
+            raise InputError(f"quantization preset must be 'performance' or 'mixed', not {self.preset!r}")
+        if self.activation_ranges not in ACTIVATION_RANGES:
+            raise InputError(f"activation_ranges must be one of {ACTIVATION_RANGES}, not {self.activation_ranges!r}")
+
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary for manifests and reports."""
         return {
@@ -131,10 +137,6 @@ def nncf_quantize(
     (:func:`edgeperceiver.quant_ladder.head_nodes`).
     """
     nncf = require("nncf", purpose="INT8 quantization")
-    if config.preset not in ("performance", "mixed"):
-        raise InputError(f"quantization preset must be 'performance' or 'mixed', not {config.preset!r}")
-    if config.activation_ranges not in ACTIVATION_RANGES:
-        raise InputError(f"activation_ranges must be one of {ACTIVATION_RANGES}, not {config.activation_ranges!r}")
     if not feeds:
         raise InputError("no calibration samples")
     advanced = nncf.AdvancedQuantizationParameters(

@@ -126,8 +126,8 @@ def test_mix_table_is_the_official_float32_arithmetic() -> None:
     assert len(mixes) == NUM_MIXES == 33
     table = np.array(mixes, dtype=np.float32)
     np.testing.assert_allclose(table, here, rtol=1e-5, atol=0)
-    # ... and, since the protocol only uses each p through the quota floor(float32(n) * float32(p)): for the
-    # set sizes that occur, the table's quotas are the official arithmetic's on this machine
+    # ... and the protocol uses each p only through the quota floor(float32(n) * float32(p)):
+    # for the set sizes that occur, the table's quotas are the official arithmetic's here
     for n in SIZES_THAT_OCCUR:
         ours = np.floor(np.float32(n) * table[:, :3])
         official = np.floor(np.float32(n) * here[:, :3])

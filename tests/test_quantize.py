@@ -174,6 +174,19 @@ def test_activation_ranges_cover_every_calibration_image_by_default() -> None:
     assert _input_scale("mean_minmax", feeds) * 128 < 0.5 * widest
 
 
+def test_target_options_check_the_quantizer_settings_before_any_work() -> None:
+    from edgeperceiver.targets.onnxruntime import OrtOptions
+    from edgeperceiver.targets.openvino import OpenVINOOptions
+    from edgeperceiver.targets.tensorrt_options import BuildOptions
+
+    for parse in (OrtOptions.from_options, OpenVINOOptions.from_options, BuildOptions.from_mapping):
+        with pytest.raises(InputError, match="activation_ranges must be one of"):
+            parse({"activation_ranges": "mean"})
+        with pytest.raises(InputError, match="preset must be"):
+            parse({"preset": "fastest"})
+        assert parse({"activation_ranges": "histogram"}).quant.activation_ranges == "histogram"
+
+
 @pytest.mark.parametrize("bad", ["0", "-2", True])
 def test_target_options_reject_bad_thread_counts(bad: object) -> None:
     from edgeperceiver.targets.onnxruntime import OrtOptions
